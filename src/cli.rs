@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::engine::{self, Engine, RunInput, RunStatus, SystemClock};
+use crate::report::{self, Output};
+use crate::secrets::Secrets;
 use crate::workflow::{self, Format};
 
 /// Exit code: every file valid / the run succeeded.
@@ -35,14 +38,42 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Run one workflow once, in the foreground.
+    Run(RunArgs),
     /// Print the workflow JSON Schema that the binary embeds.
     Schema,
+}
+
+/// Arguments of `flowrun run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A workflow file, or a workflow name looked up in `--dir`.
+    pub workflow: String,
+    /// The trigger payload: a JSON file, or `-` for standard input.
+    #[arg(long)]
+    pub payload: String,
+    /// Render and print every request without sending anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How to print the result.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
+    #[arg(long)]
+    pub secrets_file: Option<PathBuf>,
+    /// Where to look a workflow name up.
+    #[arg(long, default_value = "workflows")]
+    pub dir: PathBuf,
+    /// Show every attempt.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let code = match cli.command {
         Command::Validate { paths, format } => validate(&paths, format),
+        Command::Run(args) => run_workflow(&args),
         Command::Schema => {
             print!("{}", workflow::schema::SCHEMA_JSON);
             EXIT_OK
@@ -79,5 +110,152 @@ pub fn plural(n: usize, word: &str) -> String {
         format!("1 {word}")
     } else {
         format!("{n} {word}s")
+    }
+}
+
+/// A usage problem: printed to stderr, exit code 2.
+fn usage(message: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {message}");
+    EXIT_USAGE
+}
+
+/// Loads the workflow named by `arg`: a file path, else a name in `dir`.
+fn find_workflow(arg: &str, dir: &std::path::Path) -> Result<workflow::Loaded, u8> {
+    let path = std::path::Path::new(arg);
+    let invalid = |errors: &[workflow::Diagnostic]| {
+        eprint!("{}", workflow::diagnostic::render_all(errors, Format::Text));
+        eprintln!("error: the workflow is invalid");
+        EXIT_USAGE
+    };
+    if path.is_file() {
+        return match workflow::load_file(path) {
+            Ok(Ok(loaded)) => Ok(loaded),
+            Ok(Err(errors)) => Err(invalid(&errors)),
+            Err(e) => Err(usage(e)),
+        };
+    }
+    let files = workflow::discover(&[dir.to_path_buf()])
+        .map_err(|e| usage(format!("`{arg}` is not a file, and {e}")))?;
+    let set = workflow::load_set(&files).map_err(usage)?;
+    if let Some(loaded) = set.loaded.into_iter().find(|l| l.workflow.name == arg) {
+        return Ok(loaded);
+    }
+    // The name may be in a file that failed to load: show why.
+    let related: Vec<_> = set.diagnostics.into_iter().collect();
+    if !related.is_empty() {
+        eprint!(
+            "{}",
+            workflow::diagnostic::render_all(&related, Format::Text)
+        );
+    }
+    Err(usage(format!(
+        "no workflow file `{arg}` and no valid workflow named `{arg}` in `{}`",
+        dir.display()
+    )))
+}
+
+fn read_payload(arg: &str) -> Result<serde_json::Value, u8> {
+    let (name, text) = if arg == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| usage(format!("cannot read the payload from stdin: {e}")))?;
+        ("stdin".to_owned(), s)
+    } else {
+        let text = std::fs::read_to_string(arg)
+            .map_err(|e| usage(format!("cannot read payload `{arg}`: {e}")))?;
+        (format!("`{arg}`"), text)
+    };
+    serde_json::from_str(&text).map_err(|e| usage(format!("payload {name} is not JSON: {e}")))
+}
+
+fn run_workflow(args: &RunArgs) -> u8 {
+    match prepare(args) {
+        Ok((loaded, input)) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return usage(format!("cannot start the async runtime: {e}")),
+            };
+            runtime.block_on(execute(args, &loaded, &input))
+        }
+        Err(code) => code,
+    }
+}
+
+fn prepare(args: &RunArgs) -> Result<(workflow::Loaded, RunInput), u8> {
+    let loaded = find_workflow(&args.workflow, &args.dir)?;
+    let wf = &loaded.workflow;
+    if !wf.enabled && !args.dry_run {
+        return Err(usage(format!(
+            "workflow `{}` is disabled (`enabled: false`); use --dry-run to render it",
+            wf.name
+        )));
+    }
+    let payload = read_payload(&args.payload)?;
+    if let Some(schema) = &wf.trigger.payload_schema {
+        let errors = workflow::payload::check(schema, &payload);
+        if !errors.is_empty() {
+            return Err(usage(format!(
+                "the payload does not match `payload_schema`:\n  {}",
+                errors.join("\n  ")
+            )));
+        }
+    }
+    let mut secrets = Secrets::from_env();
+    if let Some(file) = &args.secrets_file {
+        secrets.merge_file(file).map_err(usage)?;
+    }
+    let secrets = secrets
+        .select(&crate::secrets::referenced(wf))
+        .map_err(usage)?;
+    let input = RunInput {
+        run_id: engine::new_id(),
+        trigger: RunInput::trigger_for(wf, std::time::SystemTime::now()),
+        payload,
+        secrets,
+    };
+    Ok((loaded, input))
+}
+
+/// Prints attempts as they happen at `-v` (text output only).
+struct LiveSink<'a> {
+    wf: &'a workflow::Workflow,
+    verbose: bool,
+}
+
+impl engine::Sink for LiveSink<'_> {
+    fn attempt(&mut self, action: usize, record: &engine::AttemptRecord) {
+        if self.verbose {
+            eprintln!(
+                "{}",
+                report::attempt_line(&self.wf.actions[action].label(action), record)
+            );
+        }
+    }
+    fn action(&mut self, _: usize, _: &engine::ActionReport) {}
+}
+
+async fn execute(args: &RunArgs, loaded: &workflow::Loaded, input: &RunInput) -> u8 {
+    let engine = match Engine::new(std::sync::Arc::new(SystemClock)) {
+        Ok(e) => e,
+        Err(e) => return usage(e),
+    };
+    let mut sink = LiveSink {
+        wf: &loaded.workflow,
+        verbose: args.verbose && args.output == Output::Text,
+    };
+    let result = engine
+        .run(&loaded.workflow, input, args.dry_run, &mut sink)
+        .await;
+    match args.output {
+        // Attempts were already shown live on stderr.
+        Output::Text => print!("{}", report::text(&result, false)),
+        Output::Json => println!("{}", report::json(&result)),
+    }
+    match result.status {
+        RunStatus::Succeeded => EXIT_OK,
+        RunStatus::Failed => EXIT_FAILED,
     }
 }

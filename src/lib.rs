@@ -8,8 +8,14 @@
 //! - [`workflow`]: the file format: YAML with positions, the JSON Schema, semantic checks, diagnostics.
 //! - [`schedule`]: cron expressions (five fields, UTC).
 //! - [`template`]: one minijinja environment with strict undefined; renders URLs, headers and bodies.
+//! - [`secrets`]: secret values from the environment or a file, and their redaction from output.
+//! - [`engine`]: runs a workflow's actions in order: HTTP attempts, Flow's classification, retries.
+//! - [`report`]: prints a run's result as text or JSON.
 
 pub mod cli;
+pub mod engine;
+pub mod report;
 pub mod schedule;
+pub mod secrets;
 pub mod template;
 pub mod workflow;

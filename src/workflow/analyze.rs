@@ -7,7 +7,7 @@ use saphyr_parser::ScalarStyle;
 use serde_json::Value;
 
 use super::diagnostic::{Diagnostic, Pos};
-use super::model::{Workflow, human};
+use super::model::{TemplateKind, Workflow, human};
 use super::parse::{Document, escape_segment};
 use crate::template;
 
@@ -117,75 +117,72 @@ pub fn check(file: &str, source: &str, doc: &Document, wf: &Workflow) -> Vec<Dia
     }
 
     let all: Vec<String> = wf.actions.iter().filter_map(|a| a.id.clone()).collect();
+    // earlier[i]: ids of the actions before action i.
+    let mut earlier: Vec<Vec<String>> = Vec::with_capacity(wf.actions.len());
     let mut seen: HashMap<&str, usize> = HashMap::new();
-    let mut earlier: Vec<String> = Vec::new();
     for (i, action) in wf.actions.iter().enumerate() {
-        let base = format!("/actions/{i}");
+        earlier.push(
+            wf.actions[..i]
+                .iter()
+                .filter_map(|a| a.id.clone())
+                .collect(),
+        );
         if let Some(id) = &action.id
             && let Some(first) = seen.insert(id, i)
         {
             c.at_value(
-                &format!("{base}/id"),
+                &format!("/actions/{i}/id"),
                 format!(
                     "duplicate action id `{id}`; action {} already uses it",
                     first + 1
                 ),
             );
         }
-        let scope = Scope {
-            earlier: &earlier,
-            all: &all,
-            own: action.id.as_deref(),
-            payload_schema: wf.trigger.payload_schema.as_ref().filter(|s| s.is_object()),
-        };
-        if let Some(when) = &action.when {
-            let pointer = format!("{base}/when");
-            match template::check_expression(when) {
-                Ok(vars) => check_vars(&mut c, &pointer, &vars, &scope),
-                Err(e) => {
-                    let pos = c.template_pos(&pointer, e.line, e.column);
-                    c.at(pos, &pointer, format!("invalid `when` expression: {e}"));
-                }
-            }
-        }
-        if let Some(log) = &action.log {
-            check_template(&mut c, &format!("{base}/log"), log, &scope);
-        }
-        if let Some(http) = &action.http {
-            let hbase = format!("{base}/http");
-            check_template(&mut c, &format!("{hbase}/url"), &http.url, &scope);
-            for (name, value) in &http.headers {
-                let pointer = format!("{hbase}/headers/{}", escape_segment(name));
-                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    c.at_key(&pointer, format!("`{name}` is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)"));
-                }
-                if let Value::String(value) = value {
-                    check_template(&mut c, &pointer, value, &scope);
-                }
-            }
-            if http.body.is_some() && http.json.is_some() {
+        let Some(http) = &action.http else { continue };
+        for name in http.headers.keys() {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 c.at_key(
-                    &format!("{hbase}/json"),
-                    "`body` and `json` cannot both be set; choose one".to_owned(),
-                );
-            }
-            if let Some(body) = &http.body {
-                check_template(&mut c, &format!("{hbase}/body"), body, &scope);
-            }
-            if let Some(json) = &http.json {
-                check_json(&mut c, &format!("{hbase}/json"), json, &scope);
-            }
-            if let Some(sign) = &http.sign {
-                check_template(
-                    &mut c,
-                    &format!("{hbase}/sign/secret"),
-                    &sign.secret,
-                    &scope,
+                    &format!("/actions/{i}/http/headers/{}", escape_segment(name)),
+                    format!("`{name}` is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)"),
                 );
             }
         }
-        if let Some(id) = &action.id {
-            earlier.push(id.clone());
+        if http.body.is_some() && http.json.is_some() {
+            c.at_key(
+                &format!("/actions/{i}/http/json"),
+                "`body` and `json` cannot both be set; choose one".to_owned(),
+            );
+        }
+    }
+
+    let payload_schema = wf.trigger.payload_schema.as_ref().filter(|s| s.is_object());
+    for t in wf.templates() {
+        let scope = Scope {
+            earlier: &earlier[t.action],
+            all: &all,
+            own: wf.actions[t.action].id.as_deref(),
+            payload_schema,
+        };
+        let compiled = match t.kind {
+            TemplateKind::Template => template::check_template(t.source),
+            TemplateKind::Expression => template::check_expression(t.source),
+        };
+        match compiled {
+            Ok(vars) => check_vars(&mut c, &t.pointer, &vars, &scope),
+            Err(e) => {
+                let what = if t.pointer.ends_with("/when") {
+                    "`when` expression"
+                } else {
+                    "template"
+                };
+                // A `json:` expression was unwrapped from `{{ }}`: its offsets no longer match the file.
+                let pos = if t.kind == TemplateKind::Expression && !t.pointer.ends_with("/when") {
+                    c.doc.value_pos(&t.pointer)
+                } else {
+                    c.template_pos(&t.pointer, e.line, e.column)
+                };
+                c.at(pos, &t.pointer, format!("invalid {what}: {e}"));
+            }
         }
     }
     c.out
@@ -216,42 +213,6 @@ pub fn check_durations(file: &str, source: &str, doc: &Document) -> Vec<Diagnost
         }
     }
     out
-}
-
-fn check_json(c: &mut Checker<'_>, pointer: &str, value: &Value, scope: &Scope<'_>) {
-    match value {
-        Value::String(s) => match template::sole_expression(s) {
-            Some(expr) => match template::check_expression(expr) {
-                Ok(vars) => check_vars(c, pointer, &vars, scope),
-                Err(e) => {
-                    let pos = c.doc.value_pos(pointer);
-                    c.at(pos, pointer, format!("invalid template: {e}"));
-                }
-            },
-            None => check_template(c, pointer, s, scope),
-        },
-        Value::Array(items) => {
-            for (i, v) in items.iter().enumerate() {
-                check_json(c, &format!("{pointer}/{i}"), v, scope);
-            }
-        }
-        Value::Object(map) => {
-            for (k, v) in map {
-                check_json(c, &format!("{pointer}/{}", escape_segment(k)), v, scope);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn check_template(c: &mut Checker<'_>, pointer: &str, source: &str, scope: &Scope<'_>) {
-    match template::check_template(source) {
-        Ok(vars) => check_vars(c, pointer, &vars, scope),
-        Err(e) => {
-            let pos = c.template_pos(pointer, e.line, e.column);
-            c.at(pos, pointer, format!("invalid template: {e}"));
-        }
-    }
 }
 
 fn check_vars(c: &mut Checker<'_>, pointer: &str, vars: &BTreeSet<String>, scope: &Scope<'_>) {

@@ -5,6 +5,7 @@ pub mod analyze;
 pub mod diagnostic;
 pub mod model;
 pub mod parse;
+pub mod payload;
 pub mod schema;
 
 use std::collections::HashMap;

@@ -279,3 +279,112 @@ pub mod human {
         parse(&s).map_err(serde::de::Error::custom)
     }
 }
+
+/// How a template string is compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateKind {
+    /// A string template (`{{ }}` and `{% %}` inside text).
+    Template,
+    /// A bare expression: `when:`, or a `json:` string that is exactly one `{{ expr }}`.
+    Expression,
+}
+
+/// One template in a workflow, with where it sits.
+#[derive(Debug, Clone)]
+pub struct TemplateRef<'a> {
+    /// Index of the action that holds it.
+    pub action: usize,
+    /// JSON pointer of the string in the file.
+    pub pointer: String,
+    /// The template or expression text.
+    pub source: &'a str,
+    /// How to compile it.
+    pub kind: TemplateKind,
+}
+
+impl Workflow {
+    /// Every template and expression in the workflow, in file order.
+    pub fn templates(&self) -> Vec<TemplateRef<'_>> {
+        let mut out = Vec::new();
+        for (i, action) in self.actions.iter().enumerate() {
+            let base = format!("/actions/{i}");
+            let mut add = |pointer: String, source, kind| {
+                out.push(TemplateRef {
+                    action: i,
+                    pointer,
+                    source,
+                    kind,
+                });
+            };
+            if let Some(when) = &action.when {
+                add(
+                    format!("{base}/when"),
+                    when.as_str(),
+                    TemplateKind::Expression,
+                );
+            }
+            if let Some(log) = &action.log {
+                add(format!("{base}/log"), log.as_str(), TemplateKind::Template);
+            }
+            let Some(http) = &action.http else { continue };
+            add(
+                format!("{base}/http/url"),
+                http.url.as_str(),
+                TemplateKind::Template,
+            );
+            for (name, value) in &http.headers {
+                if let Value::String(value) = value {
+                    let pointer =
+                        format!("{base}/http/headers/{}", super::parse::escape_segment(name));
+                    add(pointer, value.as_str(), TemplateKind::Template);
+                }
+            }
+            if let Some(body) = &http.body {
+                add(
+                    format!("{base}/http/body"),
+                    body.as_str(),
+                    TemplateKind::Template,
+                );
+            }
+            if let Some(json) = &http.json {
+                json_templates(json, format!("{base}/http/json"), &mut add);
+            }
+            if let Some(sign) = &http.sign {
+                add(
+                    format!("{base}/http/sign/secret"),
+                    sign.secret.as_str(),
+                    TemplateKind::Template,
+                );
+            }
+        }
+        out
+    }
+}
+
+fn json_templates<'a>(
+    value: &'a Value,
+    pointer: String,
+    add: &mut impl FnMut(String, &'a str, TemplateKind),
+) {
+    match value {
+        Value::String(s) => match crate::template::sole_expression(s) {
+            Some(expr) => add(pointer, expr, TemplateKind::Expression),
+            None => add(pointer, s.as_str(), TemplateKind::Template),
+        },
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                json_templates(v, format!("{pointer}/{i}"), add);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                json_templates(
+                    v,
+                    format!("{pointer}/{}", super::parse::escape_segment(k)),
+                    add,
+                );
+            }
+        }
+        _ => {}
+    }
+}
