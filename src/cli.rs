@@ -40,8 +40,83 @@ pub enum Command {
     },
     /// Run one workflow once, in the foreground.
     Run(RunArgs),
+    /// Take events over HTTP and run matching workflows durably.
+    Serve(ServeArgs),
+    /// Read run history from the database.
+    Runs {
+        /// What to show.
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
     /// Print the workflow JSON Schema that the binary embeds.
     Schema,
+}
+
+/// Arguments of `flowrun serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The workflow directory.
+    #[arg(long, default_value = "workflows")]
+    pub dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Database URL.
+    #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+    pub db: String,
+    /// Largest accepted event body, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_body: usize,
+    /// How long in-flight attempts may take to finish at shutdown.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub grace: std::time::Duration,
+    /// Finished runs older than this are pruned.
+    #[arg(long, default_value = "7d", value_parser = duration)]
+    pub retain: std::time::Duration,
+    /// Runs worked on at once.
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
+    #[arg(long)]
+    pub secrets_file: Option<PathBuf>,
+}
+
+/// `flowrun runs …`.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only this status: pending, succeeded, failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+        db: String,
+        /// How to print.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show one run with its actions and attempts (JSON).
+    Show {
+        /// The run id.
+        id: String,
+        /// Database URL.
+        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+        db: String,
+    },
+}
+
+/// The embedded default database.
+pub const DEFAULT_DB: &str = "sqlite://flowrun.db";
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    workflow::model::human::parse(s)
 }
 
 /// Arguments of `flowrun run`.
@@ -74,6 +149,8 @@ pub fn run(cli: Cli) -> ExitCode {
     let code = match cli.command {
         Command::Validate { paths, format } => validate(&paths, format),
         Command::Run(args) => run_workflow(&args),
+        Command::Serve(args) => with_runtime(serve(args)),
+        Command::Runs { command } => with_runtime(runs(command)),
         Command::Schema => {
             print!("{}", workflow::schema::SCHEMA_JSON);
             EXIT_OK
@@ -257,5 +334,139 @@ async fn execute(args: &RunArgs, loaded: &workflow::Loaded, input: &RunInput) ->
     match result.status {
         RunStatus::Succeeded => EXIT_OK,
         RunStatus::Failed => EXIT_FAILED,
+    }
+}
+
+fn with_runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => usage(format!("cannot start the async runtime: {e}")),
+    }
+}
+
+fn open_store(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
+    crate::store::sqlite::SqliteStore::open_url(url)
+        .map_err(|e| usage(format!("cannot open `{url}`: {e}")))
+}
+
+async fn serve(args: ServeArgs) -> u8 {
+    let registry = match crate::server::Registry::load(&args.dir) {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    let store = match open_store(&args.db) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(code) => return code,
+    };
+    let mut secrets = Secrets::from_env();
+    if let Some(file) = &args.secrets_file
+        && let Err(e) = secrets.merge_file(file)
+    {
+        return usage(e);
+    }
+    for l in &registry.all {
+        if let Err(e) = secrets.select(&crate::secrets::referenced(&l.workflow)) {
+            tracing::warn!("workflow `{}`: {e}; its runs will fail", l.workflow.name);
+        }
+    }
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => return usage(format!("cannot listen on `{}`: {e}", args.listen)),
+    };
+    let engine = match Engine::new(std::sync::Arc::new(SystemClock)) {
+        Ok(e) => e,
+        Err(e) => return usage(e),
+    };
+    eprintln!(
+        "flowrun serving {} workflows from `{}` on http://{} (database {})",
+        registry.all.len(),
+        args.dir.display(),
+        listener
+            .local_addr()
+            .map_or_else(|_| args.listen.clone(), |a| a.to_string()),
+        args.db
+    );
+    let config = crate::server::Config {
+        dir: args.dir.clone(),
+        max_body: args.max_body,
+        retain: args.retain,
+        workers: crate::worker::Config {
+            concurrency: args.workers.max(1),
+            grace: args.grace,
+            ..crate::worker::Config::default()
+        },
+    };
+    let shutdown = crate::shutdown::on_signal();
+    match crate::server::serve(listener, store, engine, secrets, registry, config, shutdown).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+async fn runs(command: RunsCommand) -> u8 {
+    use crate::store::Store as _;
+    match command {
+        RunsCommand::List {
+            workflow,
+            status,
+            limit,
+            db,
+            output,
+        } => {
+            let store = match open_store(&db) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let filter = crate::store::RunFilter {
+                workflow,
+                status,
+                limit: Some(limit),
+                before: None,
+            };
+            match store.list_runs(&filter).await {
+                Ok(runs) => {
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&runs).unwrap_or_default()
+                        ),
+                        Output::Text => {
+                            for r in &runs {
+                                println!(
+                                    "{}  {:9}  {}  {}",
+                                    r.id, r.status, r.created_at, r.workflow
+                                );
+                            }
+                            eprintln!("{}", plural(runs.len(), "run"));
+                        }
+                    }
+                    EXIT_OK
+                }
+                Err(e) => usage(e),
+            }
+        }
+        RunsCommand::Show { id, db } => {
+            let store = match open_store(&db) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match store.get_run(&id).await {
+                Ok(Some(run)) => {
+                    println!("{}", serde_json::to_string_pretty(&run).unwrap_or_default());
+                    EXIT_OK
+                }
+                Ok(None) => {
+                    eprintln!("error: no run `{id}`");
+                    EXIT_FAILED
+                }
+                Err(e) => usage(e),
+            }
+        }
     }
 }

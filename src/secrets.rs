@@ -140,13 +140,29 @@ impl Secrets {
             .values
             .values()
             .filter(|v| !v.is_empty())
-            .cloned()
+            .flat_map(|v| encodings(v))
             .collect();
         // Longest first, so a secret that contains another is hidden whole.
         needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
         needles.dedup();
         Redactor { needles }
     }
+}
+
+/// A secret as output may carry it: raw, and as the escapes a `json:` body
+/// (`"` → `\"`) and the URL filters (`"` → `%22`) turn it into.
+fn encodings(value: &str) -> Vec<String> {
+    let mut out = vec![value.to_owned()];
+    let json =
+        serde_json::to_string(value).unwrap_or_else(|e| panic!("BUG: a string serializes: {e}"));
+    out.push(unquote(&json).to_owned());
+    let ctx = serde_json::json!({ "s": value });
+    for filter in ["tojson", "urlencode", "urlencode_segment"] {
+        if let Ok(encoded) = template::render(&format!("{{{{ s | {filter} }}}}"), &ctx) {
+            out.push(unquote(&encoded).to_owned());
+        }
+    }
+    out
 }
 
 fn unquote(v: &str) -> &str {

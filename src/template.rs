@@ -156,14 +156,21 @@ fn eval(source: &str, ctx: &Value) -> Result<JinjaValue> {
     let expr = env()
         .compile_expression(source)
         .map_err(|e| located(&e, source))?;
-    expr.eval(JinjaValue::from(Serde(ctx))).map_err(|e| {
-        render_error(
-            &e,
-            source,
-            || expr.undeclared_variables(true).into_iter().collect(),
-            ctx,
-        )
-    })
+    let paths = || expr.undeclared_variables(true).into_iter().collect();
+    let value = expr
+        .eval(JinjaValue::from(Serde(ctx)))
+        .map_err(|e| render_error(&e, source, paths, ctx))?;
+    // minijinja's `eval` hands an undefined result back instead of failing; strict
+    // undefined must fail here too (a `json:` value or a `when:` test), never become null/false.
+    if value.is_undefined() {
+        let what = missing_path(&paths(), ctx).unwrap_or_else(|| source.trim().to_owned());
+        return Err(Error {
+            message: format!("`{what}` is undefined"),
+            line: None,
+            column: None,
+        });
+    }
+    Ok(value)
 }
 
 /// Evaluates a `when:` expression for truth.
@@ -171,8 +178,8 @@ pub fn is_true(source: &str, ctx: &Value) -> Result<bool> {
     eval(source, ctx).map(|v| v.is_true())
 }
 
-/// Renders a `json:` body: each string is a template, and a string that is
-/// exactly one `{{ expr }}` keeps the expression's JSON type.
+/// Renders a `json:` body: each string value is a template (keys are sent as
+/// written), and a string that is exactly one `{{ expr }}` keeps the expression's JSON type.
 pub fn render_json(value: &Value, ctx: &Value) -> Result<Value> {
     Ok(match value {
         Value::String(s) => match sole_expression(s) {
@@ -194,7 +201,7 @@ pub fn render_json(value: &Value, ctx: &Value) -> Result<Value> {
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((render(k, ctx)?, render_json(v, ctx)?)))
+                .map(|(k, v)| Ok((k.clone(), render_json(v, ctx)?)))
                 .collect::<Result<_>>()?,
         ),
         other => other.clone(),

@@ -63,7 +63,7 @@ pub enum RunStatus {
 }
 
 /// One HTTP attempt, as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct AttemptRecord {
     /// 1-based attempt number.
     pub attempt: u32,
@@ -185,6 +185,32 @@ pub fn context(
         "steps": steps,
         "secrets": input.secrets.to_json(),
     })
+}
+
+/// Which action, and which attempt of it, a step is.
+#[derive(Debug, Clone, Copy)]
+pub struct ActionAt<'a> {
+    /// Index of the action in the workflow.
+    pub index: usize,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// Stable across this action's retries (and across restarts in `serve`).
+    pub delivery_id: &'a str,
+    /// When attempt 1 started: the retry window counts from it.
+    pub first_started: SystemTime,
+}
+
+/// The result of [`Engine::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stepped {
+    /// The HTTP attempt made, if one was.
+    pub record: Option<AttemptRecord>,
+    /// What follows.
+    pub step: Step,
+    /// A `log` action's message.
+    pub message: Option<String>,
+    /// In a dry run, the rendered request.
+    pub request: Option<http::Request>,
 }
 
 /// How one HTTP attempt ended, with what follows.
@@ -311,25 +337,92 @@ impl Engine {
         redactor: &Redactor,
         sink: &mut dyn Sink,
     ) -> (ActionReport, Option<Value>) {
-        let action = &wf.actions[index];
-        let id = action.id.clone();
-        let mut report = blank(id, ActionStatus::Succeeded);
-        let ctx = context(wf, input, steps, index, 1, delivery_id);
+        let mut report = blank(wf.actions[index].id.clone(), ActionStatus::Succeeded);
+        let first_started = self.clock.now();
+        let mut attempt = 1;
+        loop {
+            let at = ActionAt {
+                index,
+                attempt,
+                delivery_id,
+                first_started,
+            };
+            let out = self.step(wf, input, steps, &at, dry_run, redactor).await;
+            report.message = out.message;
+            if out.request.is_some() {
+                // The dry run's placeholder response.
+                report.http_status = Some(200);
+            }
+            report.request = out.request;
+            if let Some(record) = out.record {
+                sink.attempt(index, &record);
+                report.attempts = attempt;
+                report.http_status = record.http_status.or(report.http_status);
+                report.attempt_log.push(record);
+            }
+            match out.step {
+                Step::Retry(delay) => {
+                    self.clock.sleep(delay).await;
+                    attempt += 1;
+                }
+                Step::Done {
+                    status,
+                    error,
+                    result,
+                } => {
+                    report.status = status;
+                    report.error = error;
+                    return (report, result);
+                }
+            }
+        }
+    }
+
+    /// Advances action `at.index` by one step: evaluates `when`, writes a `log`,
+    /// or makes one HTTP attempt (renders it only, in a dry run).
+    ///
+    /// Both the foreground run and `serve`'s workers drive actions through this.
+    pub async fn step(
+        &self,
+        wf: &Workflow,
+        input: &RunInput,
+        steps: &Map<String, Value>,
+        at: &ActionAt<'_>,
+        dry_run: bool,
+        redactor: &Redactor,
+    ) -> Stepped {
+        let action = &wf.actions[at.index];
+        let ctx = context(wf, input, steps, at.index, at.attempt, at.delivery_id);
+        let mut out = Stepped {
+            record: None,
+            step: Step::Done {
+                status: ActionStatus::Succeeded,
+                error: None,
+                result: None,
+            },
+            message: None,
+            request: None,
+        };
+        let failed = |error: String| Step::Done {
+            status: ActionStatus::Failed,
+            error: Some(redactor.redact(&error)),
+            result: None,
+        };
         match evaluate_when(action.when.as_deref(), &ctx) {
             Ok(true) => {}
             Ok(false) => {
-                report.status = ActionStatus::Skipped;
-                return (
-                    report,
-                    Some(
+                out.step = Step::Done {
+                    status: ActionStatus::Skipped,
+                    error: None,
+                    result: Some(
                         json!({"outcome": "skipped", "status": null, "headers": {}, "body": "", "json": null}),
                     ),
-                );
+                };
+                return out;
             }
             Err(e) => {
-                report.status = ActionStatus::Failed;
-                report.error = Some(redactor.redact(&e));
-                return (report, None);
+                out.step = failed(e);
+                return out;
             }
         }
         match action.kind() {
@@ -337,72 +430,54 @@ impl Engine {
                 Ok(message) => {
                     let message = redactor.redact(&message);
                     tracing::info!(workflow = %wf.name, run = %input.run_id, "{message}");
-                    let result = json!({"outcome": "succeeded", "status": null, "headers": {}, "body": message, "json": null});
-                    report.message = Some(message);
-                    (report, Some(result))
+                    out.step = Step::Done {
+                        status: ActionStatus::Succeeded,
+                        error: None,
+                        result: Some(
+                            json!({"outcome": "succeeded", "status": null, "headers": {}, "body": message, "json": null}),
+                        ),
+                    };
+                    out.message = Some(message);
                 }
-                Err(e) => {
-                    report.status = ActionStatus::Failed;
-                    report.error = Some(redactor.redact(&format!("cannot render `log`: {e}")));
-                    (report, None)
-                }
+                Err(e) => out.step = failed(format!("cannot render `log`: {e}")),
             },
             ActionKind::Http(h) if dry_run => {
-                match http::render(h, &ctx, delivery_id, unix(self.clock.now())) {
-                    Ok(req) => {
-                        let mut req = req;
+                match http::render(h, &ctx, at.delivery_id, unix(self.clock.now())) {
+                    Ok(mut req) => {
                         req.url = redactor.redact(&req.url);
                         req.body = redactor.redact(&req.body);
                         for (_, v) in &mut req.headers {
                             *v = redactor.redact(v);
                         }
-                        report.request = Some(req);
-                        report.http_status = Some(200);
+                        out.request = Some(req);
                         // A dry run's placeholder: 200 with an empty body.
-                        (
-                            report,
-                            Some(
+                        out.step = Step::Done {
+                            status: ActionStatus::Succeeded,
+                            error: None,
+                            result: Some(
                                 json!({"outcome": "succeeded", "status": 200, "headers": {}, "body": "", "json": null, "dry_run": true}),
                             ),
-                        )
+                        };
                     }
-                    Err(e) => {
-                        report.status = ActionStatus::Failed;
-                        report.error = Some(redactor.redact(&e));
-                        (report, None)
-                    }
+                    Err(e) => out.step = failed(e),
                 }
             }
             ActionKind::Http(h) => {
-                let first_started = self.clock.now();
-                let mut attempt = 1;
-                loop {
-                    let ctx = context(wf, input, steps, index, attempt, delivery_id);
-                    let out = self
-                        .http_attempt(h, &ctx, delivery_id, attempt, first_started, redactor)
-                        .await;
-                    sink.attempt(index, &out.record);
-                    report.attempts = attempt;
-                    report.http_status = out.record.http_status.or(report.http_status);
-                    report.attempt_log.push(out.record);
-                    match out.step {
-                        Step::Retry(delay) => {
-                            self.clock.sleep(delay).await;
-                            attempt += 1;
-                        }
-                        Step::Done {
-                            status,
-                            error,
-                            result,
-                        } => {
-                            report.status = status;
-                            report.error = error;
-                            return (report, result);
-                        }
-                    }
-                }
+                let attempted = self
+                    .http_attempt(
+                        h,
+                        &ctx,
+                        at.delivery_id,
+                        at.attempt,
+                        at.first_started,
+                        redactor,
+                    )
+                    .await;
+                out.record = Some(attempted.record);
+                out.step = attempted.step;
             }
         }
+        out
     }
 
     /// Makes one attempt of an HTTP action and decides what follows it.

@@ -1,0 +1,296 @@
+//! `serve` benchmarks with SQLite (fsync on), printing what they measured.
+//!
+//! - P2: events/s accepted and fully delivered end to end: one-action workflows
+//!   posting to a loopback sink, events sent by 64 concurrent HTTP clients.
+//! - P6: p50/p99 latency of `POST /events` at a fixed 1,000 events/s.
+//! - P5: RSS of a real `flowrun serve` process with 100,000 pending retries in the store.
+//!
+//! Run: `cargo bench --bench serve` (P5 needs `cargo build --release` first for the binary).
+//! The load generator is this binary (tokio + reqwest), on the same 2 cores as the server.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use flowrun::engine::{Engine, SystemClock};
+use flowrun::secrets::Secrets;
+use flowrun::server::{self, Registry};
+use flowrun::store::Store as _;
+use flowrun::store::sqlite::SqliteStore;
+use tokio_util::sync::CancellationToken;
+
+const WORKFLOW: &str = "name: bench\ntrigger:\n  event: bench.event\nactions:\n  - http:\n      method: POST\n      url: \"http://SINK/hook\"\n      json:\n        n: \"{{ payload.n }}\"\n";
+
+async fn sink() -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = Arc::clone(&hits);
+    let app = Router::new().route(
+        "/hook",
+        post(move || {
+            let h = Arc::clone(&h);
+            async move {
+                h.fetch_add(1, Ordering::Relaxed);
+                "ok"
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (addr, hits)
+}
+
+async fn start(
+    dir: &Path,
+    sink: SocketAddr,
+) -> (
+    SocketAddr,
+    Arc<SqliteStore>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let wf_dir = dir.join("workflows");
+    std::fs::create_dir_all(&wf_dir).expect("mkdir");
+    std::fs::write(
+        wf_dir.join("bench.yaml"),
+        WORKFLOW.replace("SINK", &sink.to_string()),
+    )
+    .expect("write");
+    let store = Arc::new(SqliteStore::open(&dir.join("bench.db")).expect("store"));
+    let registry = Registry::load(&wf_dir).expect("load");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let engine = Engine::new(Arc::new(SystemClock)).expect("engine");
+    let config = server::Config {
+        dir: wf_dir,
+        max_body: 1 << 20,
+        retain: Duration::from_secs(86_400),
+        workers: flowrun::worker::Config::default(),
+    };
+    let token = CancellationToken::new();
+    let (s, t) = (Arc::clone(&store), token.clone());
+    let handle = tokio::spawn(async move {
+        server::serve(listener, s, engine, Secrets::default(), registry, config, t)
+            .await
+            .expect("serve");
+    });
+    (addr, store, token, handle)
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client")
+}
+
+async fn p2(total: usize, concurrency: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sink_addr, hits) = sink().await;
+    let (addr, store, stop, handle) = start(dir.path(), sink_addr).await;
+    let client = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next) = (client.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                let r = client
+                    .post(format!("http://{addr}/events/bench.event"))
+                    .body(format!("{{\"n\": {n}}}"))
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status().as_u16(), 202);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let accepted = start.elapsed();
+    // Delivered: the sink has every request and the store no pending run.
+    loop {
+        if hits.load(Ordering::Relaxed) >= total && store.next_due().await.expect("due").is_none() {
+            let pending = store
+                .list_runs(&flowrun::store::RunFilter {
+                    status: Some("pending".into()),
+                    limit: Some(1),
+                    ..Default::default()
+                })
+                .await
+                .expect("list");
+            if pending.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = start.elapsed();
+    println!(
+        "P2 sqlite: {total} events, {concurrency} concurrent clients: accepted in {:.2}s = {:.0} events/s; all delivered in {:.2}s = {:.0} events/s end to end",
+        accepted.as_secs_f64(),
+        total as f64 / accepted.as_secs_f64(),
+        delivered.as_secs_f64(),
+        total as f64 / delivered.as_secs_f64()
+    );
+    stop.cancel();
+    handle.await.expect("stop");
+}
+
+async fn p6(rate: u64, seconds: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sink_addr, _hits) = sink().await;
+    let (addr, _store, stop, handle) = start(dir.path(), sink_addr).await;
+    let client = client();
+    let total = rate * seconds;
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..total {
+        ticker.tick().await;
+        let client = client.clone();
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let r = client
+                .post(format!("http://{addr}/events/bench.event"))
+                .body(format!("{{\"n\": {n}}}"))
+                .send()
+                .await
+                .expect("post");
+            assert_eq!(r.status().as_u16(), 202);
+            t.elapsed()
+        });
+    }
+    let mut lat = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    while let Some(r) = tasks.join_next().await {
+        lat.push(r.expect("task"));
+    }
+    let elapsed = start.elapsed();
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "P6 sqlite: {total} events at {rate}/s (achieved {:.0}/s): POST /events latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        lat.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    stop.cancel();
+    handle.await.expect("stop");
+}
+
+async fn p5(pending: usize) {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/flowrun");
+    if !bin.exists() {
+        println!("P5 skipped: build the binary first with `cargo build --release`");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sink_addr, _hits) = sink().await;
+    // Fill the store with runs whose retry is due tomorrow, through the real ingest path.
+    {
+        let wf_dir = dir.path().join("workflows");
+        std::fs::create_dir_all(&wf_dir).expect("mkdir");
+        std::fs::write(
+            wf_dir.join("bench.yaml"),
+            WORKFLOW.replace("SINK", &sink_addr.to_string()),
+        )
+        .expect("write");
+        let registry = Registry::load(&wf_dir).expect("load");
+        let loaded = Arc::clone(&registry.all[0]);
+        let store = SqliteStore::open(&dir.path().join("bench.db")).expect("store");
+        let tomorrow = flowrun::store::now_millis() + 86_400_000;
+        let mut batch = tokio::task::JoinSet::new();
+        let store = Arc::new(store);
+        for n in 0..pending {
+            let (store, loaded) = (Arc::clone(&store), Arc::clone(&loaded));
+            batch.spawn(async move {
+                let run = flowrun::store::NewRun {
+                    id: flowrun::engine::new_id(),
+                    version: flowrun::store::Version {
+                        hash: loaded.hash.clone(),
+                        name: loaded.workflow.name.clone(),
+                        file: loaded.file.clone(),
+                        source: loaded.source.clone(),
+                    },
+                    trigger: serde_json::json!({"event": "bench.event"}),
+                    delivery_id: flowrun::engine::new_id(),
+                };
+                store
+                    .ingest(flowrun::store::NewEvent {
+                        id: flowrun::engine::new_id(),
+                        name: "bench.event".into(),
+                        payload: serde_json::json!({"n": n}),
+                        // Accepted "tomorrow": due then, like a pending retry.
+                        received_at: tomorrow,
+                        runs: vec![run],
+                    })
+                    .await
+                    .expect("ingest");
+            });
+            if batch.len() >= 1024 {
+                while batch.join_next().await.is_some() {}
+            }
+        }
+        while batch.join_next().await.is_some() {}
+    }
+    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let mut child = std::process::Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &db, "--dir"])
+        .arg(dir.path().join("workflows"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?")
+        .to_owned();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_owned();
+    println!("P5 sqlite: {pending} pending retries in the store: flowrun serve {rss} (peak {hwm})");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let args: Vec<String> = std::env::args().collect();
+    let only =
+        |name: &str| !args.iter().any(|a| a.starts_with('P')) || args.iter().any(|a| a == name);
+    rt.block_on(async {
+        if only("P2") {
+            p2(20_000, 64).await;
+        }
+        if only("P6") {
+            p6(1000, 10).await;
+        }
+        if only("P5") {
+            p5(100_000).await;
+        }
+    });
+}

@@ -1,0 +1,270 @@
+//! Durable runs, attempts and due work.
+//!
+//! A [`Store`] keeps accepted events, each run's position (next action,
+//! attempt, delivery id, earlier results), every attempt, and when the run is
+//! next due. Workers claim due runs under a lease, make one attempt, and record
+//! the attempt together with the run's next state in one transaction.
+
+pub mod sqlite;
+
+use std::future::Future;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::engine::{ActionReport, AttemptRecord};
+
+/// Milliseconds since the Unix epoch: the store's time unit.
+pub type Millis = i64;
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database refused an operation.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database URL is not understood.
+    #[error("unsupported database URL `{0}`; use sqlite://PATH")]
+    Url(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The store's writer has stopped.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// Module-local result.
+pub type Result<T = ()> = std::result::Result<T, Error>;
+
+/// A workflow version a run is pinned to.
+#[derive(Debug, Clone)]
+pub struct Version {
+    /// Hex SHA-256 of `source`.
+    pub hash: String,
+    /// Workflow name.
+    pub name: String,
+    /// The file it came from.
+    pub file: String,
+    /// The file's text.
+    pub source: String,
+}
+
+/// A run to create with an event.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Run id.
+    pub id: String,
+    /// The pinned workflow version.
+    pub version: Version,
+    /// The `trigger` template variable.
+    pub trigger: Value,
+    /// Delivery id for the first action.
+    pub delivery_id: String,
+}
+
+/// An accepted event with the runs it starts.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Event id.
+    pub id: String,
+    /// Event name (or `schedule:<workflow>` for a cron tick).
+    pub name: String,
+    /// The JSON payload.
+    pub payload: Value,
+    /// When it was accepted.
+    pub received_at: Millis,
+    /// One run per matching workflow.
+    pub runs: Vec<NewRun>,
+}
+
+/// A run a worker has claimed: everything needed to take its next step.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Run id.
+    pub id: String,
+    /// Pinned version hash (its text: [`Store::version`]).
+    pub version_hash: String,
+    /// The payload.
+    pub payload: Value,
+    /// The `trigger` variable.
+    pub trigger: Value,
+    /// Index of the action to run.
+    pub next_action: usize,
+    /// Attempt number to make.
+    pub attempt: u32,
+    /// Delivery id of the current action.
+    pub delivery_id: String,
+    /// When the current action's first attempt started.
+    pub first_attempt_at: Option<Millis>,
+    /// Earlier actions' results (`steps`).
+    pub steps: Map<String, Value>,
+}
+
+/// Where a run goes after a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextState {
+    /// Retry the same action at `due_at` (released, pending).
+    Retry {
+        /// Attempt number of the retry.
+        attempt: u32,
+        /// When it is due.
+        due_at: Millis,
+        /// When the action's first attempt started.
+        first_attempt_at: Millis,
+    },
+    /// Go on to the next action now.
+    Advance {
+        /// Its index.
+        next_action: usize,
+        /// Its delivery id.
+        delivery_id: String,
+        /// The steps so far.
+        steps: Map<String, Value>,
+    },
+    /// The run is over.
+    Finished {
+        /// `succeeded` or `failed`.
+        status: &'static str,
+        /// Actions that will not run (indices and ids), marked `not_run`.
+        not_run: Vec<(usize, Option<String>)>,
+    },
+}
+
+/// One step's results, recorded in one transaction.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    /// Run id.
+    pub run_id: String,
+    /// The action's index.
+    pub action: usize,
+    /// The HTTP attempt made, if any.
+    pub attempt: Option<AttemptRecord>,
+    /// The action's final report, when it finished.
+    pub report: Option<ActionReport>,
+    /// The run's next state.
+    pub next: NextState,
+    /// Now.
+    pub at: Millis,
+}
+
+/// Filters for listing runs.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct RunFilter {
+    /// Only this workflow.
+    pub workflow: Option<String>,
+    /// Only this status (`pending`, `succeeded`, `failed`).
+    pub status: Option<String>,
+    /// At most this many (default 50, at most 1000).
+    pub limit: Option<u32>,
+    /// Only runs created before this run id (for paging, newest first).
+    pub before: Option<String>,
+}
+
+/// A run in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub id: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// The event that started it.
+    pub event_id: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    /// When it was accepted (RFC 3339).
+    pub created_at: String,
+    /// When it finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// When it is next due, while pending (RFC 3339).
+    pub due_at: Option<String>,
+}
+
+/// An action in a run's detail.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActionDetail {
+    /// Index in the workflow.
+    pub index: usize,
+    /// The action's id.
+    pub id: Option<String>,
+    /// Status (`pending` until it finishes).
+    pub status: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Last status received.
+    pub http_status: Option<u16>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// A log action's message.
+    pub message: Option<String>,
+    /// Every attempt.
+    pub attempt_log: Vec<AttemptRecord>,
+}
+
+/// A run with its actions and attempts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunDetail {
+    /// The summary fields.
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    /// The pinned workflow version (hash).
+    pub version: String,
+    /// The file the version came from.
+    pub file: String,
+    /// The payload.
+    pub payload: Value,
+    /// Every action of the pinned version.
+    pub actions: Vec<ActionDetail>,
+}
+
+/// Durable storage for `serve`. Implemented for SQLite; PostgreSQL shares the trait.
+pub trait Store: Send + Sync + 'static {
+    /// Stores an event and its runs; returns once they are durable (committed, fsync'd).
+    fn ingest(&self, event: NewEvent) -> impl Future<Output = Result> + Send;
+    /// Claims up to `limit` runs due at `now`, leasing them to `worker` until `lease_until`.
+    fn claim(
+        &self,
+        worker: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Claimed>>> + Send;
+    /// Records one step and the run's next state; a retry or finish releases the claim.
+    fn record(&self, step: StepRecord) -> impl Future<Output = Result> + Send;
+    /// Gives claims back (at start-up after a crash, or at shutdown).
+    fn release(&self, worker: Option<&str>) -> impl Future<Output = Result<u64>> + Send;
+    /// A pinned workflow version's file name and text.
+    fn version(&self, hash: &str) -> impl Future<Output = Result<Option<(String, String)>>> + Send;
+    /// When the earliest pending run is due, if any.
+    fn next_due(&self) -> impl Future<Output = Result<Option<Millis>>> + Send;
+    /// Lists runs, newest first.
+    fn list_runs(&self, filter: &RunFilter)
+    -> impl Future<Output = Result<Vec<RunSummary>>> + Send;
+    /// One run with its actions and attempts.
+    fn get_run(&self, id: &str) -> impl Future<Output = Result<Option<RunDetail>>> + Send;
+    /// Deletes finished runs that finished before `before`; returns how many.
+    fn prune(&self, before: Millis) -> impl Future<Output = Result<u64>> + Send;
+    /// Checks the store answers.
+    fn ping(&self) -> impl Future<Output = Result> + Send;
+}
+
+/// Now, in store time.
+pub fn now_millis() -> Millis {
+    to_millis(std::time::SystemTime::now())
+}
+
+/// A `SystemTime` in store time.
+pub fn to_millis(t: std::time::SystemTime) -> Millis {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Store time as a `SystemTime`.
+pub fn from_millis(ms: Millis) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Store time as RFC 3339.
+pub fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(from_millis(ms)).to_string()
+}
