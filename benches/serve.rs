@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::post;
 use flowrun::engine::{Engine, SystemClock};
+use flowrun::registry::Registry;
 use flowrun::secrets::Secrets;
-use flowrun::server::{self, Registry};
+use flowrun::server;
 use flowrun::store::Store as _;
 use flowrun::store::sqlite::SqliteStore;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +74,7 @@ async fn start(
         dir: wf_dir,
         max_body: 1 << 20,
         retain: Duration::from_secs(86_400),
+        ingest_token: None,
         workers: flowrun::worker::Config::default(),
     };
     let token = CancellationToken::new();
@@ -212,7 +214,7 @@ async fn p5(pending: usize) {
         )
         .expect("write");
         let registry = Registry::load(&wf_dir).expect("load");
-        let loaded = Arc::clone(&registry.all[0]);
+        let loaded = Arc::clone(&registry.entries[0].loaded);
         let store = SqliteStore::open(&dir.path().join("bench.db")).expect("store");
         let tomorrow = flowrun::store::now_millis() + 86_400_000;
         let mut batch = tokio::task::JoinSet::new();
@@ -239,6 +241,7 @@ async fn p5(pending: usize) {
                         // Accepted "tomorrow": due then, like a pending retry.
                         received_at: tomorrow,
                         runs: vec![run],
+                        tick: None,
                     })
                     .await
                     .expect("ingest");

@@ -24,6 +24,39 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log line format on stderr (`RUST_LOG` sets the level; default warn, serve info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up `tracing` on stderr.
+pub fn init_logging(cli: &Cli) {
+    let default = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 /// The subcommands.
@@ -79,6 +112,9 @@ pub struct ServeArgs {
     /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
     #[arg(long)]
     pub secrets_file: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on `POST /events/*`.
+    #[arg(long, env = "FLOWRUN_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
 }
 
 /// `flowrun runs …`.
@@ -353,7 +389,7 @@ fn open_store(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
 }
 
 async fn serve(args: ServeArgs) -> u8 {
-    let registry = match crate::server::Registry::load(&args.dir) {
+    let registry = match crate::registry::Registry::load(&args.dir) {
         Ok(r) => r,
         Err(e) => return usage(e),
     };
@@ -367,9 +403,10 @@ async fn serve(args: ServeArgs) -> u8 {
     {
         return usage(e);
     }
-    for l in &registry.all {
-        if let Err(e) = secrets.select(&crate::secrets::referenced(&l.workflow)) {
-            tracing::warn!("workflow `{}`: {e}; its runs will fail", l.workflow.name);
+    for e in &registry.entries {
+        let wf = &e.loaded.workflow;
+        if let Err(err) = secrets.select(&crate::secrets::referenced(wf)) {
+            tracing::warn!(workflow = %wf.name, "{err}; its runs will fail");
         }
     }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
@@ -382,7 +419,7 @@ async fn serve(args: ServeArgs) -> u8 {
     };
     eprintln!(
         "flowrun serving {} workflows from `{}` on http://{} (database {})",
-        registry.all.len(),
+        registry.entries.len(),
         args.dir.display(),
         listener
             .local_addr()
@@ -393,6 +430,7 @@ async fn serve(args: ServeArgs) -> u8 {
         dir: args.dir.clone(),
         max_body: args.max_body,
         retain: args.retain,
+        ingest_token: args.ingest_token.clone().filter(|t| !t.is_empty()),
         workers: crate::worker::Config {
             concurrency: args.workers.max(1),
             grace: args.grace,

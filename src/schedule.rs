@@ -39,3 +39,43 @@ mod tests {
         );
     }
 }
+
+/// The first tick of `cron` strictly after `after` (ms since the epoch, UTC).
+pub fn next_tick(cron: &Cron, after: i64) -> Option<i64> {
+    let start = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after)?;
+    cron.find_next_occurrence(&start, false)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// How many ticks of `cron` fall in `(after, until]`, counting at most `cap`.
+pub fn ticks_between(cron: &Cron, after: i64, until: i64, cap: usize) -> usize {
+    let mut n = 0;
+    let mut t = after;
+    while n < cap {
+        match next_tick(cron, t) {
+            Some(next) if next <= until => {
+                n += 1;
+                t = next;
+            }
+            _ => break,
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tick_tests {
+    use super::*;
+
+    #[test]
+    fn next_tick_is_strictly_after_and_in_utc() {
+        let cron = parse("*/5 * * * *").expect("valid");
+        // 2026-01-01T00:00:00Z
+        let t0 = 1_767_225_600_000;
+        assert_eq!(next_tick(&cron, t0), Some(t0 + 5 * 60_000));
+        assert_eq!(next_tick(&cron, t0 - 1), Some(t0));
+        assert_eq!(ticks_between(&cron, t0, t0 + 60 * 60_000, 100), 12);
+        assert_eq!(ticks_between(&cron, t0, t0 + 60 * 60_000, 3), 3);
+    }
+}

@@ -177,10 +177,16 @@ fn unquote(v: &str) -> &str {
 /// The secret names (`secrets.NAME`) the workflow's templates read.
 pub fn referenced(wf: &Workflow) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for t in wf.templates() {
-        let vars = match t.kind {
-            TemplateKind::Template => template::check_template(t.source),
-            TemplateKind::Expression => template::check_expression(t.source),
+    let verify = wf
+        .trigger
+        .verify
+        .iter()
+        .map(|v| (v.secret.as_str(), TemplateKind::Template));
+    let actions = wf.templates().into_iter().map(|t| (t.source, t.kind));
+    for (source, kind) in verify.chain(actions) {
+        let vars = match kind {
+            TemplateKind::Template => template::check_template(source),
+            TemplateKind::Expression => template::check_expression(source),
         };
         for var in vars.unwrap_or_default() {
             let mut parts = var.split('.');

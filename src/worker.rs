@@ -12,7 +12,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use tracing::Instrument as _;
+
 use crate::engine::{self, ActionAt, ActionReport, ActionStatus, Engine, RunInput, Step};
+use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::store::{Claimed, NextState, StepRecord, Store, from_millis, now_millis, to_millis};
 use crate::workflow::{self, Workflow};
@@ -58,11 +61,18 @@ pub struct Workers<S> {
     id: String,
     config: Config,
     cache: Mutex<HashMap<String, Pinned>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: Store> Workers<S> {
     /// Workers over `store`, identified by a fresh id.
-    pub fn new(store: Arc<S>, engine: Engine, secrets: Secrets, config: Config) -> Arc<Self> {
+    pub fn new(
+        store: Arc<S>,
+        engine: Engine,
+        secrets: Secrets,
+        metrics: Arc<Metrics>,
+        config: Config,
+    ) -> Arc<Self> {
         Arc::new(Workers {
             store,
             engine,
@@ -71,6 +81,7 @@ impl<S: Store> Workers<S> {
             id: format!("worker-{}", engine::new_id()),
             config,
             cache: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -100,7 +111,9 @@ impl<S: Store> Workers<S> {
                         claimed = runs.len();
                         for run in runs {
                             let me = Arc::clone(&self);
-                            inflight.spawn(async move { me.execute(run).await });
+                            // Every log line about a run carries its id (and, inside, its workflow).
+                            let span = tracing::info_span!("run", run_id = %run.id);
+                            inflight.spawn(async move { me.execute(run).await }.instrument(span));
                         }
                     }
                     Err(e) => tracing::error!("cannot claim work: {e}"),
@@ -234,7 +247,12 @@ impl<S: Store> Workers<S> {
             let out = self
                 .engine
                 .step(&wf, &input, &run.steps, &at, false, &redactor)
+                .instrument(tracing::info_span!("action", workflow = %wf.name, action = index))
                 .await;
+            if let Some(r) = &out.record {
+                self.metrics
+                    .attempt(&r.class, r.duration_ms as f64 / 1000.0);
+            }
             let done_at = now_millis();
             let (report, next) = match out.step {
                 Step::Retry(delay) => (
@@ -312,7 +330,10 @@ impl<S: Store> Workers<S> {
                     self.wake.notify_one();
                     return;
                 }
-                NextState::Finished { .. } => return,
+                NextState::Finished { status, .. } => {
+                    self.metrics.finished(status);
+                    return;
+                }
             }
         }
     }
@@ -344,8 +365,9 @@ impl<S: Store> Workers<S> {
             },
             at: to_millis(std::time::SystemTime::now()),
         };
-        if let Err(e) = self.store.record(step).await {
-            tracing::error!(run = %run.id, "cannot record a failed run: {e}");
+        match self.store.record(step).await {
+            Ok(()) => self.metrics.finished("failed"),
+            Err(e) => tracing::error!(run = %run.id, "cannot record a failed run: {e}"),
         }
     }
 }

@@ -12,8 +12,9 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use flowrun::engine::{Engine, SystemClock};
+use flowrun::registry::Registry;
 use flowrun::secrets::Secrets;
-use flowrun::server::{self, Registry};
+use flowrun::server;
 use flowrun::store::Store as _;
 use flowrun::store::sqlite::SqliteStore;
 use serde_json::{Value, json};
@@ -126,18 +127,27 @@ async fn start_in_process(
     max_body: usize,
     secrets: Secrets,
 ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    start_with(dir, max_body, secrets, None).await
+}
+
+async fn start_with(
+    dir: &Dir,
+    max_body: usize,
+    secrets: Secrets,
+    ingest_token: Option<&str>,
+) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let store = Arc::new(SqliteStore::open_url(&dir.db()).expect("store"));
     let registry = Registry::load(&dir.workflows()).expect("workflows");
-    assert!(registry.errors.is_empty(), "{:?}", registry.errors);
     let engine = Engine::new(Arc::new(SystemClock)).expect("engine");
     let config = server::Config {
         dir: dir.workflows(),
         max_body,
         retain: Duration::from_secs(7 * 86_400),
+        ingest_token: ingest_token.map(str::to_owned),
         workers: flowrun::worker::Config {
             poll: Duration::from_millis(100),
             grace: Duration::from_secs(2),
@@ -520,4 +530,545 @@ async fn a_pending_retry_survives_a_crash_and_fires_at_its_due_time() {
     );
     assert_eq!(run["actions"][0]["attempts"], 2);
     server.kill9();
+}
+
+// ---- live operations: reload, schedules, auth, payload checks, metrics ----
+
+async fn workflows_view(addr: SocketAddr) -> Vec<Value> {
+    get_json(addr, "/workflows").await.1["workflows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn wait_view(
+    addr: SocketAddr,
+    within: Duration,
+    ok: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = workflows_view(addr).await;
+        if ok(&view) || Instant::now() > deadline {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn named<'a>(view: &'a [Value], name: &str) -> Option<&'a Value> {
+    view.iter().find(|w| w["name"] == name)
+}
+
+async fn metric(addr: SocketAddr, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let text = client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn log_workflow(name: &str, event: &str, message: &str) -> String {
+    format!("name: {name}\ntrigger:\n  event: {event}\nactions:\n  - log: \"{message}\"\n")
+}
+
+#[tokio::test]
+async fn reload_picks_up_new_changed_broken_renamed_and_deleted_files() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "v1"))]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let v1 = named(&workflows_view(addr).await, "wf-a").expect("loaded")["version"].clone();
+
+    // New file.
+    std::fs::write(
+        dir.workflows().join("b.yaml"),
+        log_workflow("wf-b", "other", "b"),
+    )
+    .expect("write");
+    let view = wait_view(addr, Duration::from_secs(5), |v| named(v, "wf-b").is_some()).await;
+    assert!(named(&view, "wf-b").is_some(), "{view:?}");
+
+    // Changed (valid): the next event runs the new version.
+    std::fs::write(
+        dir.workflows().join("a.yaml"),
+        log_workflow("wf-a", "e", "v2"),
+    )
+    .expect("write");
+    let view = wait_view(addr, Duration::from_secs(5), |v| {
+        named(v, "wf-a").is_some_and(|w| w["version"] != v1)
+    })
+    .await;
+    let v2 = named(&view, "wf-a").expect("a")["version"].clone();
+    assert_ne!(v1, v2);
+    let (_, body) = post_event(addr, "e", "{}").await;
+    let run = wait_run(
+        addr,
+        body["runs"][0].as_str().expect("run"),
+        "succeeded",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        (run["version"].clone(), run["actions"][0]["message"].clone()),
+        (v2.clone(), json!("v2"))
+    );
+
+    // Broken: the last good version keeps running, the error shows.
+    std::fs::write(dir.workflows().join("a.yaml"), "name: wf-a\ntrigger: [\n").expect("write");
+    let view = wait_view(addr, Duration::from_secs(5), |v| {
+        named(v, "wf-a").is_some_and(|w| !w["error"].is_null())
+    })
+    .await;
+    let a = named(&view, "wf-a").expect("still there");
+    assert_eq!(a["version"], v2);
+    assert!(
+        a["error"].as_str().expect("error").contains("a.yaml:"),
+        "{a}"
+    );
+    assert_eq!(
+        metric(addr, "flowrun_workflow_load_errors", None).await,
+        1.0
+    );
+    let (_, body) = post_event(addr, "e", "{}").await;
+    let run = wait_run(
+        addr,
+        body["runs"][0].as_str().expect("run"),
+        "succeeded",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(run["actions"][0]["message"], "v2");
+
+    // Renamed (and fixed): same name, new file.
+    std::fs::remove_file(dir.workflows().join("a.yaml")).expect("rm");
+    std::fs::write(
+        dir.workflows().join("a2.yaml"),
+        log_workflow("wf-a", "e", "v3"),
+    )
+    .expect("write");
+    let view = wait_view(addr, Duration::from_secs(5), |v| {
+        named(v, "wf-a").is_some_and(|w| w["file"].as_str().is_some_and(|f| f.ends_with("a2.yaml")))
+    })
+    .await;
+    assert!(
+        named(&view, "wf-a").is_some_and(|w| w["error"].is_null()),
+        "{view:?}"
+    );
+
+    // Deleted: no new runs.
+    std::fs::remove_file(dir.workflows().join("a2.yaml")).expect("rm");
+    let view = wait_view(addr, Duration::from_secs(5), |v| named(v, "wf-a").is_none()).await;
+    assert!(named(&view, "wf-a").is_none(), "{view:?}");
+    let (status, body) = post_event(addr, "e", "{}").await;
+    assert_eq!((status, body["runs"].clone()), (202, json!([])));
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn a_second_file_claiming_a_name_is_reported_and_the_first_keeps_it() {
+    let dir = Dir::new(&[("z.yaml", log_workflow("same", "e", "first"))]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    // a.yaml sorts first, but z.yaml had the name.
+    std::fs::write(
+        dir.workflows().join("a.yaml"),
+        log_workflow("same", "e", "second"),
+    )
+    .expect("write");
+    let view = wait_view(addr, Duration::from_secs(5), |v| {
+        v.iter().any(|w| w["name"].is_null())
+    })
+    .await;
+    let owner = named(&view, "same").expect("kept");
+    assert!(
+        owner["file"].as_str().expect("file").ends_with("z.yaml"),
+        "{view:?}"
+    );
+    let loser = view
+        .iter()
+        .find(|w| w["name"].is_null())
+        .unwrap_or_else(|| panic!("reported: {view:?}"));
+    assert!(
+        loser["error"]
+            .as_str()
+            .expect("error")
+            .contains("already used"),
+        "{loser}"
+    );
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn a_burst_of_50_writes_gives_one_reload() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "x"))]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let before = metric(addr, "flowrun_reloads_total", None).await;
+    for i in 0..50 {
+        std::fs::write(
+            dir.workflows().join(format!("burst-{i:02}.yaml")),
+            log_workflow(&format!("burst-{i:02}"), "e", "b"),
+        )
+        .expect("write");
+    }
+    let view = wait_view(addr, Duration::from_secs(5), |v| v.len() == 51).await;
+    assert_eq!(view.len(), 51);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(addr, "flowrun_reloads_total", None).await - before,
+        1.0
+    );
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn a_schedule_tick_fires_once_also_across_restarts() {
+    let dir = Dir::new(&[(
+        "s.yaml",
+        "name: nightly\ntrigger:\n  schedule: \"0 2 * * *\"\nactions:\n  - log: \"at {{ payload.scheduled_at }} ({{ trigger.schedule }})\"\n".to_owned(),
+    )]);
+    let registry = Registry::load(&dir.workflows()).expect("load");
+    let loaded = Arc::clone(&registry.schedules[0]);
+    // An injected clock: the tick is computed from a fixed time, not from now.
+    let cron = flowrun::schedule::parse("0 2 * * *").expect("cron");
+    let t0 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let tick = flowrun::schedule::next_tick(&cron, t0).expect("tick");
+    assert_eq!(tick, t0 + 2 * 3_600_000);
+    {
+        let store = SqliteStore::open_url(&dir.db()).expect("store");
+        assert!(
+            flowrun::scheduler::fire(&store, &loaded, tick)
+                .await
+                .expect("fire")
+        );
+        assert!(
+            !flowrun::scheduler::fire(&store, &loaded, tick)
+                .await
+                .expect("fire again")
+        );
+    }
+    let store = SqliteStore::open_url(&dir.db()).expect("reopened");
+    assert!(
+        !flowrun::scheduler::fire(&store, &loaded, tick)
+            .await
+            .expect("after restart"),
+        "a tick fires once"
+    );
+    assert_eq!(
+        store.last_ticks().await.expect("ticks"),
+        vec![("nightly".to_owned(), tick)]
+    );
+    // Ticks missed while down are counted (and logged), not replayed: 3 days later, 3 ticks were missed.
+    assert_eq!(
+        flowrun::schedule::ticks_between(&cron, tick, tick + 3 * 86_400_000, 100),
+        3
+    );
+    drop(store);
+
+    // The fired tick's run completes with the schedule payload.
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let (_, listed) = get_json(addr, "/runs?workflow=nightly").await;
+    let id = listed["runs"][0]["id"]
+        .as_str()
+        .expect("one run")
+        .to_owned();
+    let run = wait_run(addr, &id, "succeeded", Duration::from_secs(5)).await;
+    assert_eq!(
+        run["payload"],
+        json!({"scheduled_at": "2026-01-01T02:00:00.000Z"})
+    );
+    assert_eq!(
+        run["actions"][0]["message"],
+        "at 2026-01-01T02:00:00.000Z (0 2 * * *)"
+    );
+    assert_eq!(listed["runs"].as_array().map(Vec::len), Some(1));
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+async fn post_with(
+    addr: SocketAddr,
+    name: &str,
+    body: &str,
+    headers: &[(&str, String)],
+) -> (u16, Value) {
+    let mut req = client()
+        .post(format!("http://{addr}/events/{name}"))
+        .body(body.to_owned());
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = req.send().await.expect("post");
+    let status = resp.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&resp.bytes().await.expect("body")).unwrap_or(Value::Null),
+    )
+}
+
+async fn stored_runs(addr: SocketAddr) -> usize {
+    get_json(addr, "/runs").await.1["runs"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn ingest_token_is_required_when_set() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "x"))]);
+    let (addr, stop, handle) =
+        start_with(&dir, 1 << 20, Secrets::default(), Some("t0ken-123")).await;
+    assert_eq!(post_with(addr, "e", "{}", &[]).await.0, 401);
+    assert_eq!(
+        post_with(addr, "e", "{}", &[("authorization", "Bearer wrong".into())])
+            .await
+            .0,
+        401
+    );
+    assert_eq!(stored_runs(addr).await, 0);
+    assert_eq!(
+        post_with(
+            addr,
+            "e",
+            "{}",
+            &[("authorization", "Bearer t0ken-123".into())]
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(
+        metric(
+            addr,
+            "flowrun_events_rejected_total",
+            Some(("reason", "unauthorized"))
+        )
+        .await,
+        2.0
+    );
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+fn hmac_b64(key: &[u8], msg: &[u8]) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("key");
+    mac.update(msg);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn shopify_signatures_are_checked_before_anything_is_stored() {
+    let wf = "name: shop\ntrigger:\n  event: orders.paid\n  verify:\n    scheme: shopify\n    secret: \"{{ secrets.SHOP }}\"\nactions:\n  - log: ok\n";
+    let dir = Dir::new(&[("a.yaml", wf.to_owned())]);
+    let mut secrets = Secrets::default();
+    secrets.insert("SHOP", "shpss_secret");
+    let (addr, stop, handle) = start_with(&dir, 1 << 20, secrets, None).await;
+    let body = r#"{"id": 1}"#;
+    let good = hmac_b64(b"shpss_secret", body.as_bytes());
+    let bad = hmac_b64(b"other", body.as_bytes());
+    assert_eq!(
+        post_with(addr, "orders.paid", body, &[]).await.0,
+        401,
+        "missing"
+    );
+    assert_eq!(
+        post_with(addr, "orders.paid", body, &[("x-shopify-hmac-sha256", bad)])
+            .await
+            .0,
+        401,
+        "wrong"
+    );
+    assert_eq!(
+        post_with(
+            addr,
+            "orders.paid",
+            r#"{"id": 2}"#,
+            &[("x-shopify-hmac-sha256", good.clone())]
+        )
+        .await
+        .0,
+        401,
+        "signature of another body"
+    );
+    assert_eq!(stored_runs(addr).await, 0);
+    assert_eq!(
+        post_with(
+            addr,
+            "orders.paid",
+            body,
+            &[("x-shopify-hmac-sha256", good)]
+        )
+        .await
+        .0,
+        202
+    );
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn standard_webhooks_signatures_are_checked_with_a_5_minute_window() {
+    use base64::Engine as _;
+    let key_bytes = b"0123456789abcdef0123456789abcdef";
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key_bytes)
+    );
+    let wf = "name: sw\ntrigger:\n  event: sw.e\n  verify:\n    scheme: standard-webhooks\n    secret: \"{{ secrets.SW }}\"\nactions:\n  - log: ok\n";
+    let dir = Dir::new(&[("a.yaml", wf.to_owned())]);
+    let mut secrets = Secrets::default();
+    secrets.insert("SW", secret);
+    let (addr, stop, handle) = start_with(&dir, 1 << 20, secrets, None).await;
+    let body = r#"{"type": "ping"}"#;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    let sign = |id: &str, ts: u64| {
+        format!(
+            "v1,{}",
+            hmac_b64(key_bytes, format!("{id}.{ts}.{body}").as_bytes())
+        )
+    };
+    let headers = |id: &str, ts: u64, sig: String| {
+        vec![
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig),
+        ]
+    };
+
+    assert_eq!(post_with(addr, "sw.e", body, &[]).await.0, 401, "missing");
+    assert_eq!(
+        post_with(addr, "sw.e", body, &headers("msg_1", now, "v1,AAAA".into()))
+            .await
+            .0,
+        401,
+        "wrong"
+    );
+    let old = now - 301;
+    assert_eq!(
+        post_with(
+            addr,
+            "sw.e",
+            body,
+            &headers("msg_1", old, sign("msg_1", old))
+        )
+        .await
+        .0,
+        401,
+        "expired"
+    );
+    assert_eq!(stored_runs(addr).await, 0);
+    // Several signatures (key rotation): one valid is enough.
+    let both = format!("v1,bm9wZQ== {}", sign("msg_2", now));
+    assert_eq!(
+        post_with(addr, "sw.e", body, &headers("msg_2", now, both))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(stored_runs(addr).await, 1);
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn payloads_that_break_payload_schema_get_422_with_every_violation() {
+    let wf = "name: typed\ntrigger:\n  event: t\n  payload_schema:\n    type: object\n    required: [order]\n    properties:\n      order:\n        type: object\n        required: [id]\n        properties:\n          id: {type: integer}\nactions:\n  - log: \"{{ payload.order.id }}\"\n";
+    let dir = Dir::new(&[("a.yaml", wf.to_owned())]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let (status, body) = post_event(addr, "t", r#"{"order": {"id": "seven"}}"#).await;
+    assert_eq!(status, 422, "{body}");
+    let v = &body["violations"][0];
+    assert_eq!(
+        (v["workflow"].clone(), v["pointer"].clone()),
+        (json!("typed"), json!("/order/id"))
+    );
+    assert!(
+        v["message"].as_str().expect("message").contains("integer"),
+        "{v}"
+    );
+    let (status, body) = post_event(addr, "t", "{}").await;
+    assert_eq!(status, 422);
+    assert_eq!(body["violations"][0]["pointer"], "");
+    assert_eq!(stored_runs(addr).await, 0);
+    assert_eq!(
+        post_event(addr, "t", r#"{"order": {"id": 7}}"#).await.0,
+        202
+    );
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn metrics_scrape_parses_as_prometheus_text() {
+    let sink = Sink::start(vec![(503, Duration::ZERO), (200, Duration::ZERO)]).await;
+    let dir = Dir::new(&[(
+        "a.yaml",
+        workflow("wf-a", "e", &format!("http://{}/x", sink.addr), ""),
+    )]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let (_, body) = post_event(addr, "e", r#"{"order": 1}"#).await;
+    wait_run(
+        addr,
+        body["runs"][0].as_str().expect("run"),
+        "succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
+    post_event(addr, "e", "not json").await;
+    assert_eq!(
+        metric(addr, "flowrun_events_accepted_total", None).await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            addr,
+            "flowrun_events_rejected_total",
+            Some(("reason", "not_json"))
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(metric(addr, "flowrun_runs_started_total", None).await, 1.0);
+    assert_eq!(
+        metric(
+            addr,
+            "flowrun_runs_finished_total",
+            Some(("status", "succeeded"))
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(addr, "flowrun_attempts_total", Some(("class", "5xx"))).await,
+        1.0
+    );
+    assert_eq!(
+        metric(addr, "flowrun_attempts_total", Some(("class", "2xx"))).await,
+        1.0
+    );
+    assert_eq!(metric(addr, "flowrun_retry_queue_depth", None).await, 0.0);
+    assert_eq!(metric(addr, "flowrun_workflows_loaded", None).await, 1.0);
+    assert!(metric(addr, "flowrun_http_action_duration_seconds_count", None).await >= 0.0);
+    stop.cancel();
+    handle.await.expect("serve stops");
 }

@@ -79,6 +79,9 @@ pub struct AttemptRecord {
     pub response_body: Option<String>,
     /// The delay before the next attempt, when one follows.
     pub retry_in_ms: Option<u64>,
+    /// Outcome class: 2xx, 3xx, 4xx, 429, 5xx, timeout, connect_error, render_error.
+    #[serde(default)]
+    pub class: String,
 }
 
 /// What happened to one action.
@@ -501,6 +504,7 @@ impl Engine {
             error: None,
             response_body: None,
             retry_in_ms: None,
+            class: "render_error".to_owned(),
         };
         let req = match http::render(h, ctx, delivery_id, unix(started)) {
             Ok(r) => r,
@@ -519,6 +523,19 @@ impl Engine {
             }
         };
         let sent = http::send(&self.client, &req, h.timeout).await;
+        record.class = match &sent {
+            Sent::Response(r) => match r.status {
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                429 => "429",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "other",
+            },
+            Sent::Timeout(_) => "timeout",
+            Sent::Connection(_) => "connect_error",
+        }
+        .to_owned();
         let now = self.clock.now();
         record.duration_ms = duration_ms(now.duration_since(started).unwrap_or_default());
         let elapsed = now.duration_since(first_started).unwrap_or_default();

@@ -1,71 +1,38 @@
-//! `flowrun serve`: the HTTP ingest API and run history, the workers, retention,
-//! all under one shutdown token.
+//! `flowrun serve`: the HTTP API, the workers, schedules, hot reload and
+//! retention, all under one shutdown token.
 
+pub mod auth;
 pub mod routes;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
+use crate::engine::{self, Engine, RunInput};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::secrets::Secrets;
-use crate::store::Store;
+use crate::store::{NewRun, Store, Version};
 use crate::worker::{self, Workers};
-use crate::workflow::{self, Diagnostic, Loaded};
-
-/// The workflows currently loaded, indexed by event name.
-#[derive(Debug, Default)]
-pub struct Registry {
-    /// Every valid workflow.
-    pub all: Vec<Arc<Loaded>>,
-    /// Event name → enabled workflows triggered by it.
-    pub by_event: HashMap<String, Vec<Arc<Loaded>>>,
-    /// Errors from the last load.
-    pub errors: Vec<Diagnostic>,
-}
-
-impl Registry {
-    /// Builds the registry from a loaded set.
-    pub fn new(set: workflow::Set) -> Self {
-        let all: Vec<Arc<Loaded>> = set.loaded.into_iter().map(Arc::new).collect();
-        let mut by_event: HashMap<String, Vec<Arc<Loaded>>> = HashMap::new();
-        for l in &all {
-            if let (true, Some(event)) = (l.workflow.enabled, &l.workflow.trigger.event) {
-                by_event
-                    .entry(event.clone())
-                    .or_default()
-                    .push(Arc::clone(l));
-            }
-        }
-        Registry {
-            all,
-            by_event,
-            errors: set.diagnostics,
-        }
-    }
-
-    /// Loads every workflow under `dir`.
-    pub fn load(dir: &std::path::Path) -> workflow::Result<Self> {
-        let files = workflow::discover(&[dir.to_path_buf()])?;
-        Ok(Self::new(workflow::load_set(&files)?))
-    }
-}
+use crate::workflow::Loaded;
 
 /// How `serve` is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The workflow directory.
+    /// The workflow directory (watched for changes).
     pub dir: PathBuf,
     /// Largest accepted event body, in bytes.
     pub max_body: usize,
     /// Finished runs older than this are pruned.
     pub retain: Duration,
+    /// When set, `POST /events/*` needs `Authorization: Bearer <token>`.
+    pub ingest_token: Option<String>,
     /// Worker settings (concurrency, lease, poll, grace).
     pub workers: worker::Config,
 }
@@ -74,25 +41,43 @@ pub struct Config {
 pub struct AppState<S> {
     /// The store.
     pub store: Arc<S>,
-    /// The loaded workflows.
-    pub registry: RwLock<Arc<Registry>>,
+    /// The loaded workflows; a reload swaps in a whole new set.
+    pub registry: watch::Sender<Arc<Registry>>,
     /// Set at shutdown: ingest answers 503.
     pub draining: AtomicBool,
     /// Largest accepted event body.
     pub max_body: usize,
+    /// Required bearer token for ingest.
+    pub ingest_token: Option<String>,
+    /// Secrets (for `trigger.verify`).
+    pub secrets: Secrets,
     /// Rings the workers when an event is stored.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Compiled `payload_schema`s, by workflow version hash.
+    pub validators: std::sync::Mutex<std::collections::HashMap<String, Arc<jsonschema::Validator>>>,
 }
 
 impl<S> AppState<S> {
     /// The current registry.
     pub fn registry(&self) -> Arc<Registry> {
-        Arc::clone(
-            &self
-                .registry
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        self.registry.borrow().clone()
+    }
+}
+
+/// A new run of `loaded`, pinned to its version, fired at `fired_at`.
+pub fn new_run(loaded: &Loaded, fired_at: SystemTime) -> NewRun {
+    NewRun {
+        id: engine::new_id(),
+        version: Version {
+            hash: loaded.hash.clone(),
+            name: loaded.workflow.name.clone(),
+            file: loaded.file.clone(),
+            source: loaded.source.clone(),
+        },
+        trigger: RunInput::trigger_for(&loaded.workflow, fired_at),
+        delivery_id: engine::new_id(),
     }
 }
 
@@ -117,22 +102,50 @@ pub async fn serve<S: Store>(
     for d in &registry.errors {
         tracing::warn!("{}", d.render_text().trim_end());
     }
-    let workers = Workers::new(Arc::clone(&store), engine, secrets, config.workers.clone());
+    let metrics = Arc::new(Metrics::new());
+    metrics.reloaded(registry.errors.len(), registry.entries.len());
+    let workers = Workers::new(
+        Arc::clone(&store),
+        engine,
+        secrets.clone(),
+        Arc::clone(&metrics),
+        config.workers.clone(),
+    );
+    // Watch first, then catch up: a change made between the first load and now is not missed.
+    let watcher = crate::watch::Watch::start(&config.dir);
+    let (registry_tx, _) = watch::channel(Arc::new(registry));
+    crate::watch::reload(&config.dir, &registry_tx, &metrics);
     let state = Arc::new(AppState {
         store: Arc::clone(&store),
-        registry: RwLock::new(Arc::new(registry)),
+        registry: registry_tx,
         draining: AtomicBool::new(false),
         max_body: config.max_body,
+        ingest_token: config.ingest_token.clone(),
+        secrets,
         wake: Arc::clone(&workers.wake),
+        metrics: Arc::clone(&metrics),
+        validators: std::sync::Mutex::default(),
     });
 
-    let worker_stop = CancellationToken::new();
+    let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Arc::clone(&workers).run(worker_stop.clone()));
+    tasks.spawn(Arc::clone(&workers).run(background.clone()));
     tasks.spawn(retention(
         Arc::clone(&store),
         config.retain,
-        worker_stop.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(crate::scheduler::run(
+        Arc::clone(&store),
+        state.registry.subscribe(),
+        Arc::clone(&workers.wake),
+        Arc::clone(&metrics),
+        background.clone(),
+    ));
+    tasks.spawn(watcher.run(
+        state.registry.clone(),
+        Arc::clone(&metrics),
+        background.clone(),
     ));
 
     let app = routes::router(Arc::clone(&state));
@@ -149,7 +162,7 @@ pub async fn serve<S: Store>(
         http_state.draining.store(true, Ordering::SeqCst);
     });
     let result = server.await;
-    worker_stop.cancel();
+    background.cancel();
     while tasks.join_next().await.is_some() {}
     result
 }

@@ -7,22 +7,54 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::AppState;
-use crate::engine::{self, RunInput};
-use crate::store::{NewEvent, NewRun, RunFilter, Store, Version, now_millis};
+use super::{AppState, auth};
+use crate::store::{NewEvent, RunFilter, Store, now_millis};
+use crate::workflow::Loaded;
 
-/// An API error: a status and a one-sentence message.
+/// An API error: a status and a one-sentence message (or a full JSON body).
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
 
+impl ApiError {
+    /// An error whose body is `body` (serialized into the message).
+    pub fn with_body(status: StatusCode, body: Value) -> Self {
+        ApiError(status, body.to_string())
+    }
+
+    /// The metrics label for a refused event.
+    pub fn reason(&self) -> String {
+        match self.0 {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::BAD_REQUEST => "not_json",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::UNPROCESSABLE_ENTITY => "payload_schema",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "error",
+        }
+        .to_owned()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        // A body built with `with_body` is already JSON.
+        let body = match serde_json::from_str::<Value>(&self.1) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => json!({"error": self.1}),
+        };
+        let mut resp = (self.0, Json(body)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }
 
@@ -42,14 +74,58 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/events/{name}", post(ingest::<S>))
         .route("/runs", get(list_runs::<S>))
         .route("/runs/{id}", get(show_run::<S>))
+        .route("/workflows", get(workflows::<S>))
+        .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
         .with_state(state)
 }
 
+/// Reads the body, at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the event body is larger than the limit of {limit} bytes"),
+        )
+    })
+}
+
+/// The compiled `payload_schema` of a workflow version.
+fn validator<S>(
+    state: &AppState<S>,
+    loaded: &Loaded,
+    schema: &Value,
+) -> Result<Arc<jsonschema::Validator>, String> {
+    let mut cache = state
+        .validators
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(v) = cache.get(&loaded.hash) {
+        return Ok(Arc::clone(v));
+    }
+    let v = Arc::new(jsonschema::draft202012::new(schema).map_err(|e| e.to_string())?);
+    cache.insert(loaded.hash.clone(), Arc::clone(&v));
+    Ok(v)
+}
+
 async fn ingest<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let result = accept(&state, name, &headers, body).await;
+    if let Err(e) = &result {
+        state.metrics.rejected(&e.reason());
+    }
+    result
+}
+
+async fn accept<S: Store>(
+    state: &AppState<S>,
+    name: String,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::SeqCst) {
@@ -58,42 +134,79 @@ async fn ingest<S: Store>(
             "flowrun is shutting down; send the event again later".into(),
         ));
     }
-    let limit = state.max_body;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the event body is larger than the limit of {limit} bytes"),
+    if let Some(token) = &state.ingest_token
+        && !auth::bearer_ok(headers, token)
+    {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a valid `Authorization: Bearer <token>` is required".into(),
+        ));
+    }
+    let bytes = read_body(body, state.max_body).await?;
+    let registry = state.registry();
+    let workflows: Vec<Arc<Loaded>> = registry.by_event.get(&name).cloned().unwrap_or_default();
+
+    // Signatures over the raw body, before anything is parsed or stored.
+    let now = crate::engine::unix(std::time::SystemTime::now());
+    for loaded in &workflows {
+        let Some(verify) = &loaded.workflow.trigger.verify else {
+            continue;
+        };
+        let wf = &loaded.workflow.name;
+        // Strict undefined: a secret that is not configured fails here, and nothing is stored.
+        let secret = crate::template::render(
+            &verify.secret,
+            &json!({ "secrets": state.secrets.to_json() }),
         )
-    })?;
+        .map_err(|e| {
+            tracing::error!(workflow = %wf, "cannot verify events: {e}");
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "workflow `{wf}` cannot verify events: its `verify.secret` is not configured"
+                ),
+            )
+        })?;
+        auth::check(verify, &secret, headers, &bytes, now).map_err(|why| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                format!("signature check of workflow `{wf}` failed: {why}"),
+            )
+        })?;
+    }
+
     let payload: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("the event body is not JSON: {e}"),
         )
     })?;
-    let registry = state.registry();
+
+    let mut violations = Vec::new();
+    for loaded in &workflows {
+        let Some(schema) = &loaded.workflow.trigger.payload_schema else {
+            continue;
+        };
+        let wf = &loaded.workflow.name;
+        match validator(state, loaded, schema) {
+            Ok(v) => violations.extend(v.iter_errors(&payload).map(|e| {
+                json!({"workflow": wf, "pointer": e.instance_path().as_str(), "message": e.to_string()})
+            })),
+            Err(e) => violations.push(json!({"workflow": wf, "pointer": "", "message": e})),
+        }
+    }
+    if !violations.is_empty() {
+        let body = json!({"error": "the payload does not match `payload_schema`", "violations": violations});
+        return Err(ApiError::with_body(StatusCode::UNPROCESSABLE_ENTITY, body));
+    }
+
     let received_at = now_millis();
     let fired_at = crate::store::from_millis(received_at);
-    let runs: Vec<NewRun> = registry
-        .by_event
-        .get(&name)
-        .map(|wfs| {
-            wfs.iter()
-                .map(|l| NewRun {
-                    id: engine::new_id(),
-                    version: Version {
-                        hash: l.hash.clone(),
-                        name: l.workflow.name.clone(),
-                        file: l.file.clone(),
-                        source: l.source.clone(),
-                    },
-                    trigger: RunInput::trigger_for(&l.workflow, fired_at),
-                    delivery_id: engine::new_id(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let event_id = engine::new_id();
+    let runs: Vec<_> = workflows
+        .iter()
+        .map(|l| super::new_run(l, fired_at))
+        .collect();
+    let event_id = crate::engine::new_id();
     let run_ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
     let event = NewEvent {
         id: event_id.clone(),
@@ -101,9 +214,11 @@ async fn ingest<S: Store>(
         payload,
         received_at,
         runs,
+        tick: None,
     };
     // The 202 only after the event and its runs are committed (fsync'd).
     state.store.ingest(event).await?;
+    state.metrics.accepted(run_ids.len());
     if !run_ids.is_empty() {
         state.wake.notify_one();
     }
@@ -112,6 +227,25 @@ async fn ingest<S: Store>(
         Json(json!({"event_id": event_id, "runs": run_ids})),
     )
         .into_response())
+}
+
+async fn workflows<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
+    Json(json!({"workflows": state.registry().view()})).into_response()
+}
+
+async fn metrics<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
+    match state.store.queue_depth().await {
+        Ok((pending, retrying)) => state.metrics.queue(pending, retrying),
+        Err(e) => tracing::error!("cannot read the queue depth: {e}"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn list_runs<S: Store>(
@@ -154,7 +288,7 @@ async fn readyz<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
     let draining = state.draining.load(Ordering::SeqCst);
     let body = json!({
         "store": store.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned()),
-        "workflows": registry.all.len(),
+        "workflows": registry.entries.len(),
         "workflow_errors": registry.errors.len(),
         "draining": draining,
     });

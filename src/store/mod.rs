@@ -76,6 +76,8 @@ pub struct NewEvent {
     pub received_at: Millis,
     /// One run per matching workflow.
     pub runs: Vec<NewRun>,
+    /// For a schedule: `(workflow, tick)`, stored once; a second ingest of the same tick stores nothing.
+    pub tick: Option<(String, Millis)>,
 }
 
 /// A run a worker has claimed: everything needed to take its next step.
@@ -220,7 +222,12 @@ pub struct RunDetail {
 /// Durable storage for `serve`. Implemented for SQLite; PostgreSQL shares the trait.
 pub trait Store: Send + Sync + 'static {
     /// Stores an event and its runs; returns once they are durable (committed, fsync'd).
-    fn ingest(&self, event: NewEvent) -> impl Future<Output = Result> + Send;
+    /// Returns `false` (and stores nothing) when the event's schedule tick was already fired.
+    fn ingest(&self, event: NewEvent) -> impl Future<Output = Result<bool>> + Send;
+    /// The latest tick fired for each schedule workflow.
+    fn last_ticks(&self) -> impl Future<Output = Result<Vec<(String, Millis)>>> + Send;
+    /// Runs not finished, and of those the ones waiting for a retry.
+    fn queue_depth(&self) -> impl Future<Output = Result<(u64, u64)>> + Send;
     /// Claims up to `limit` runs due at `now`, leasing them to `worker` until `lease_until`.
     fn claim(
         &self,

@@ -19,8 +19,9 @@ use crate::engine::AttemptRecord;
 const MAX_BATCH: usize = 1024;
 
 /// Schema changes, applied in order at start-up; never edit one that has shipped.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     "CREATE TABLE workflow_versions (
         hash TEXT PRIMARY KEY, name TEXT NOT NULL, file TEXT NOT NULL, source TEXT NOT NULL);
      CREATE TABLE events (
@@ -41,10 +42,17 @@ const MIGRATIONS: &[(i64, &str)] = &[(
      CREATE TABLE attempts (
         run_id TEXT NOT NULL, idx INTEGER NOT NULL, attempt INTEGER NOT NULL, record TEXT NOT NULL,
         PRIMARY KEY (run_id, idx, attempt));",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE schedule_ticks (
+            workflow TEXT NOT NULL, tick INTEGER NOT NULL, event_id TEXT NOT NULL,
+            PRIMARY KEY (workflow, tick));",
+    ),
+];
 
 enum Op {
-    Ingest(NewEvent, oneshot::Sender<Result>),
+    Ingest(NewEvent, oneshot::Sender<Result<bool>>),
     Claim {
         worker: String,
         now: Millis,
@@ -183,6 +191,7 @@ fn writer(mut conn: Connection, rx: &mpsc::Receiver<Op>) {
 
 enum Reply {
     Unit(oneshot::Sender<Result>, Result),
+    Flag(oneshot::Sender<Result<bool>>, Result<bool>),
     Claims(oneshot::Sender<Result<Vec<Claimed>>>, Result<Vec<Claimed>>),
     Count(oneshot::Sender<Result<u64>>, Result<u64>),
 }
@@ -192,6 +201,7 @@ impl Reply {
         // A caller that stopped waiting (e.g. a dropped request) is not an error here.
         match self {
             Reply::Unit(tx, r) => drop(tx.send(r)),
+            Reply::Flag(tx, r) => drop(tx.send(r)),
             Reply::Claims(tx, r) => drop(tx.send(r)),
             Reply::Count(tx, r) => drop(tx.send(r)),
         }
@@ -200,6 +210,7 @@ impl Reply {
     fn fail(self, message: &str) {
         match self {
             Reply::Unit(tx, _) => drop(tx.send(commit_failed(message))),
+            Reply::Flag(tx, _) => drop(tx.send(commit_failed(message))),
             Reply::Claims(tx, _) => drop(tx.send(commit_failed(message))),
             Reply::Count(tx, _) => drop(tx.send(commit_failed(message))),
         }
@@ -236,7 +247,8 @@ fn apply_batch(conn: &mut Connection, batch: Vec<Op>) -> BatchResult {
 
 fn op_failed(op: Op) -> Reply {
     match op {
-        Op::Ingest(_, tx) | Op::Record(_, tx) => Reply::Unit(tx, Err(Error::Closed)),
+        Op::Ingest(_, tx) => Reply::Flag(tx, Err(Error::Closed)),
+        Op::Record(_, tx) => Reply::Unit(tx, Err(Error::Closed)),
         Op::Claim { reply, .. } => Reply::Claims(reply, Err(Error::Closed)),
         Op::Release(_, tx) | Op::Prune(_, tx) => Reply::Count(tx, Err(Error::Closed)),
     }
@@ -258,7 +270,7 @@ fn savepoint<T>(tx: &Transaction<'_>, f: impl FnOnce(&Transaction<'_>) -> Result
 
 fn apply_one(tx: &Transaction<'_>, op: Op) -> Reply {
     match op {
-        Op::Ingest(event, reply) => Reply::Unit(reply, savepoint(tx, |tx| ingest(tx, &event))),
+        Op::Ingest(event, reply) => Reply::Flag(reply, savepoint(tx, |tx| ingest(tx, &event))),
         Op::Claim {
             worker,
             now,
@@ -281,7 +293,15 @@ fn json_text(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| panic!("BUG: stored values serialize: {e}"))
 }
 
-fn ingest(tx: &Transaction<'_>, event: &NewEvent) -> Result {
+fn ingest(tx: &Transaction<'_>, event: &NewEvent) -> Result<bool> {
+    if let Some((workflow, tick)) = &event.tick {
+        let fresh = tx
+            .prepare_cached("INSERT OR IGNORE INTO schedule_ticks (workflow, tick, event_id) VALUES (?1, ?2, ?3)")?
+            .execute(params![workflow, tick, event.id])?;
+        if fresh == 0 {
+            return Ok(false);
+        }
+    }
     tx.prepare_cached(
         "INSERT INTO events (id, name, payload, received_at) VALUES (?1, ?2, ?3, ?4)",
     )?
@@ -310,7 +330,7 @@ fn ingest(tx: &Transaction<'_>, event: &NewEvent) -> Result {
             event.received_at
         ])?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
@@ -464,6 +484,12 @@ fn prune(tx: &Transaction<'_>, before: Millis) -> Result<u64> {
         "DELETE FROM events WHERE received_at < ?1 AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.event_id = events.id)",
         [before],
     )?;
+    // Keep each schedule's latest tick: it dates the ticks missed while flowrun was down.
+    tx.execute(
+        "DELETE FROM schedule_ticks WHERE tick < ?1
+           AND tick < (SELECT MAX(tick) FROM schedule_ticks t WHERE t.workflow = schedule_ticks.workflow)",
+        [before],
+    )?;
     tx.execute(
         "DELETE FROM workflow_versions WHERE NOT EXISTS (SELECT 1 FROM runs WHERE runs.version_hash = workflow_versions.hash)",
         [],
@@ -492,7 +518,30 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
 const SUMMARY_COLUMNS: &str = "id, workflow, event_id, status, created_at, finished_at, due_at";
 
 impl Store for SqliteStore {
-    async fn ingest(&self, event: NewEvent) -> Result {
+    async fn last_ticks(&self) -> Result<Vec<(String, Millis)>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT workflow, MAX(tick) FROM schedule_ticks GROUP BY workflow",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn queue_depth(&self) -> Result<(u64, u64)> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(attempt > 1), 0) FROM runs WHERE status = 'pending'",
+            )?
+            .query_row([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?)
+        })
+        .await
+    }
+
+    async fn ingest(&self, event: NewEvent) -> Result<bool> {
         self.send(|tx| Op::Ingest(event, tx)).await
     }
 

@@ -116,6 +116,32 @@ pub fn check(file: &str, source: &str, doc: &Document, wf: &Workflow) -> Vec<Dia
         );
     }
 
+    if let Some(verify) = &wf.trigger.verify {
+        if wf.trigger.schedule.is_some() {
+            c.at_key(
+                "/trigger/verify",
+                "`verify` checks incoming events; a `schedule` trigger has none".to_owned(),
+            );
+        }
+        match template::check_template(&verify.secret) {
+            Ok(vars) => {
+                for var in vars.iter().filter(|v| !v.starts_with("secrets.")) {
+                    c.at_value(
+                        "/trigger/verify/secret",
+                        format!("`verify.secret` may only read `secrets`; found `{var}`"),
+                    );
+                }
+            }
+            Err(e) => {
+                let pos = c.template_pos("/trigger/verify/secret", e.line, e.column);
+                c.at(
+                    pos,
+                    "/trigger/verify/secret",
+                    format!("invalid template: {e}"),
+                );
+            }
+        }
+    }
     let all: Vec<String> = wf.actions.iter().filter_map(|a| a.id.clone()).collect();
     // earlier[i]: ids of the actions before action i.
     let mut earlier: Vec<Vec<String>> = Vec::with_capacity(wf.actions.len());

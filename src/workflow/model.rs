@@ -40,6 +40,29 @@ pub struct Trigger {
     /// JSON Schema the payload must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_schema: Option<Value>,
+    /// Signature check of incoming events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+}
+
+/// How an incoming event's signature is checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// The signature scheme.
+    pub scheme: VerifyScheme,
+    /// Template for the secret (reads only `secrets`).
+    pub secret: String,
+}
+
+/// Signature schemes for incoming events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyScheme {
+    /// `X-Shopify-Hmac-Sha256`: base64 HMAC-SHA256 of the body.
+    Shopify,
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+    StandardWebhooks,
 }
 
 /// One step of a workflow.
