@@ -107,7 +107,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "7d", value_parser = duration)]
     pub retain: std::time::Duration,
     /// Runs worked on at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = crate::worker::Config::default().concurrency)]
     pub workers: usize,
     /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
     #[arg(long)]
@@ -383,6 +383,18 @@ fn with_runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
     }
 }
 
+/// Opens an existing database for reading history; never creates one.
+fn open_history(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
+    match crate::store::sqlite::path_from_url(url) {
+        Ok(p) if !p.exists() => Err(usage(format!(
+            "no database at `{}`; start `flowrun serve` first or pass --db",
+            p.display()
+        ))),
+        Ok(_) => open_store(url),
+        Err(e) => Err(usage(e)),
+    }
+}
+
 fn open_store(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
     crate::store::sqlite::SqliteStore::open_url(url)
         .map_err(|e| usage(format!("cannot open `{url}`: {e}")))
@@ -391,6 +403,12 @@ fn open_store(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
 async fn serve(args: ServeArgs) -> u8 {
     let registry = match crate::registry::Registry::load(&args.dir) {
         Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    let _lock = match crate::store::sqlite::path_from_url(&args.db)
+        .and_then(|p| crate::store::sqlite::lock(&p))
+    {
+        Ok(lock) => lock,
         Err(e) => return usage(e),
     };
     let store = match open_store(&args.db) {
@@ -457,7 +475,14 @@ async fn runs(command: RunsCommand) -> u8 {
             db,
             output,
         } => {
-            let store = match open_store(&db) {
+            if let Some(s) = &status
+                && !matches!(s.as_str(), "pending" | "succeeded" | "failed")
+            {
+                return usage(format!(
+                    "unknown status `{s}`; expected one of pending, succeeded, failed"
+                ));
+            }
+            let store = match open_history(&db) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -490,13 +515,18 @@ async fn runs(command: RunsCommand) -> u8 {
             }
         }
         RunsCommand::Show { id, db } => {
-            let store = match open_store(&db) {
+            let store = match open_history(&db) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
             match store.get_run(&id).await {
                 Ok(Some(run)) => {
-                    println!("{}", serde_json::to_string_pretty(&run).unwrap_or_default());
+                    let value = serde_json::to_value(&run).unwrap_or_default();
+                    let value = Secrets::from_env().redactor().redact_json(&value);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&value).unwrap_or_default()
+                    );
                     EXIT_OK
                 }
                 Ok(None) => {

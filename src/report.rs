@@ -4,13 +4,13 @@ use std::fmt::Write as _;
 
 use crate::engine::{ActionReport, AttemptRecord, RunReport, RunStatus};
 
-/// How `flowrun run` prints its result.
+/// How a command prints its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Output {
-    /// One line per action.
+    /// Human-readable lines.
     #[default]
     Text,
-    /// One JSON object (see docs/cli.md).
+    /// JSON (see docs/cli.md).
     Json,
 }
 

@@ -80,6 +80,9 @@ impl Secrets {
             path: shown.clone(),
             source,
         })?;
+        if crate::workflow::is_workflow_file(path) {
+            return self.merge_yaml(&shown, &text);
+        }
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') || line == "---" {
@@ -102,6 +105,55 @@ impl Secrets {
             }
             let value = unquote(line[sep + 1..].trim());
             self.values.insert(name.to_owned(), value.to_owned());
+        }
+        Ok(())
+    }
+
+    /// A YAML file: one mapping of names to scalar values (real YAML: quotes, block scalars).
+    fn merge_yaml(&mut self, shown: &str, text: &str) -> Result<()> {
+        let doc = crate::workflow::parse::parse(shown, text).map_err(|errors| {
+            let d = errors.into_iter().next();
+            Error::Parse {
+                path: shown.to_owned(),
+                line: d.as_ref().map_or(1, |d| d.line),
+                // The parser's message never quotes values beyond its position.
+                message: d.map_or_else(|| "invalid YAML".to_owned(), |d| d.message),
+            }
+        })?;
+        let serde_json::Value::Object(map) = doc.value.clone() else {
+            return Err(Error::Parse {
+                path: shown.to_owned(),
+                line: 1,
+                message: "expected a mapping of secret names to values".to_owned(),
+            });
+        };
+        for (name, value) in map {
+            let line = doc
+                .key_pos(&format!(
+                    "/{}",
+                    crate::workflow::parse::escape_segment(&name)
+                ))
+                .line;
+            let value = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => {
+                    return Err(Error::Parse {
+                        path: shown.to_owned(),
+                        line,
+                        message: format!("secret `{name}` must be a string"),
+                    });
+                }
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(Error::Parse {
+                    path: shown.to_owned(),
+                    line,
+                    message: "a secret name uses letters, digits and `_`".to_owned(),
+                });
+            }
+            self.values.insert(name, value);
         }
         Ok(())
     }
@@ -264,6 +316,23 @@ mod tests {
         assert_eq!(
             s.to_json(),
             serde_json::json!({"A": "1", "B": "two", "C": "three:3"})
+        );
+    }
+
+    #[test]
+    fn yaml_files_are_parsed_as_yaml() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s.yaml");
+        std::fs::write(
+            &p,
+            "A: \"x # not a comment\"\nB: |\n  multi\n  line\nC: 12\n",
+        )
+        .expect("write");
+        let mut s = Secrets::default();
+        s.merge_file(&p).expect("parses");
+        assert_eq!(
+            s.to_json(),
+            serde_json::json!({"A": "x # not a comment", "B": "multi\nline\n", "C": "12"})
         );
     }
 

@@ -155,6 +155,30 @@ impl<S: Store> Workers<S> {
         }
     }
 
+    fn lease_until(&self, now: crate::store::Millis) -> crate::store::Millis {
+        now + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    /// Drives `step` while renewing the run's claim every third of the lease, so a long
+    /// attempt is never taken over (and sent twice) while it is still in flight.
+    async fn renewing<T>(&self, run_id: &str, step: impl std::future::Future<Output = T>) -> T {
+        let period = (self.config.lease / 3).max(Duration::from_millis(10));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tokio::pin!(step);
+        loop {
+            tokio::select! {
+                out = &mut step => return out,
+                _ = renew.tick() => {
+                    match self.store.renew(run_id, &self.id, self.lease_until(now_millis())).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!("lost the claim on this run; another worker may take it over"),
+                        Err(e) => tracing::error!("cannot renew the claim: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
     async fn until_next_due(&self) -> Duration {
         match self.store.next_due().await {
             Ok(Some(due)) => {
@@ -244,11 +268,11 @@ impl<S: Store> Workers<S> {
                 delivery_id: &run.delivery_id,
                 first_started: from_millis(first_attempt_at),
             };
-            let out = self
+            let step = self
                 .engine
                 .step(&wf, &input, &run.steps, &at, false, &redactor)
-                .instrument(tracing::info_span!("action", workflow = %wf.name, action = index))
-                .await;
+                .instrument(tracing::info_span!("action", workflow = %wf.name, action = index));
+            let out = self.renewing(&run.id, step).await;
             if let Some(r) = &out.record {
                 self.metrics
                     .attempt(&r.class, r.duration_ms as f64 / 1000.0);
@@ -308,6 +332,7 @@ impl<S: Store> Workers<S> {
                 report,
                 next: next.clone(),
                 at: done_at,
+                lease_until: self.lease_until(done_at),
             };
             if let Err(e) = self.store.record(step).await {
                 // The claim stays; the lease ends and the step is taken again (same delivery id).
@@ -364,6 +389,7 @@ impl<S: Store> Workers<S> {
                 not_run: wf.map(|w| rest(w, index)).unwrap_or_default(),
             },
             at: to_millis(std::time::SystemTime::now()),
+            lease_until: 0,
         };
         match self.store.record(step).await {
             Ok(()) => self.metrics.finished("failed"),

@@ -136,6 +136,19 @@ async fn start_with(
     secrets: Secrets,
     ingest_token: Option<&str>,
 ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    let token = ingest_token.map(str::to_owned);
+    start_cfg(dir, secrets, move |c| {
+        c.max_body = max_body;
+        c.ingest_token = token;
+    })
+    .await
+}
+
+async fn start_cfg(
+    dir: &Dir,
+    secrets: Secrets,
+    adjust: impl FnOnce(&mut server::Config),
+) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -143,17 +156,18 @@ async fn start_with(
     let store = Arc::new(SqliteStore::open_url(&dir.db()).expect("store"));
     let registry = Registry::load(&dir.workflows()).expect("workflows");
     let engine = Engine::new(Arc::new(SystemClock)).expect("engine");
-    let config = server::Config {
+    let mut config = server::Config {
         dir: dir.workflows(),
-        max_body,
+        max_body: 1 << 20,
         retain: Duration::from_secs(7 * 86_400),
-        ingest_token: ingest_token.map(str::to_owned),
+        ingest_token: None,
         workers: flowrun::worker::Config {
             poll: Duration::from_millis(100),
             grace: Duration::from_secs(2),
             ..Default::default()
         },
     };
+    adjust(&mut config);
     let token = CancellationToken::new();
     let t = token.clone();
     let handle = tokio::spawn(async move {
@@ -1071,4 +1085,115 @@ async fn metrics_scrape_parses_as_prometheus_text() {
     assert!(metric(addr, "flowrun_http_action_duration_seconds_count", None).await >= 0.0);
     stop.cancel();
     handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn while_draining_ingest_answers_503_and_in_flight_attempts_finish() {
+    let sink = Sink::start(vec![(200, Duration::from_millis(800))]).await;
+    let dir = Dir::new(&[(
+        "a.yaml",
+        workflow("wf-a", "e", &format!("http://{}/x", sink.addr), ""),
+    )]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let (_, body) = post_event(addr, "e", r#"{"order": 1}"#).await;
+    let id = body["runs"][0].as_str().expect("run").to_owned();
+    assert_eq!(
+        sink.wait_for(1, Duration::from_secs(5)).await.len(),
+        1,
+        "in flight"
+    );
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = post_event(addr, "e", r#"{"order": 2}"#).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get_json(addr, "/readyz").await.0, 503);
+    handle.await.expect("serve stops");
+    let store = SqliteStore::open_url(&dir.db()).expect("store");
+    let run = store.get_run(&id).await.expect("read").expect("run");
+    assert_eq!(
+        run.summary.status, "succeeded",
+        "the in-flight attempt finished within the grace period"
+    );
+    assert_eq!(
+        store
+            .list_runs(&Default::default())
+            .await
+            .expect("list")
+            .len(),
+        1,
+        "nothing stored while draining"
+    );
+}
+
+#[tokio::test]
+async fn a_long_attempt_renews_its_claim_and_is_sent_once() {
+    // The attempt takes 5 leases; without renewal the run would be claimed again and sent twice.
+    let sink = Sink::start(vec![(200, Duration::from_millis(500))]).await;
+    let dir = Dir::new(&[(
+        "a.yaml",
+        workflow("wf-a", "e", &format!("http://{}/x", sink.addr), ""),
+    )]);
+    let (addr, stop, handle) = start_cfg(&dir, Secrets::default(), |c| {
+        c.workers.lease = Duration::from_millis(100);
+        c.workers.poll = Duration::from_millis(20);
+    })
+    .await;
+    let (_, body) = post_event(addr, "e", r#"{"order": 1}"#).await;
+    let run = wait_run(
+        addr,
+        body["runs"][0].as_str().expect("run"),
+        "succeeded",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.hits().len(), 1, "sent exactly once");
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn query_and_routing_errors_are_json() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "x"))]);
+    let (addr, stop, handle) = start_in_process(&dir, 1 << 20, Secrets::default()).await;
+    let (status, body) = get_json(addr, "/runs?limit=abc").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().expect("error").contains("`limit`"),
+        "{body}"
+    );
+    let (status, body) = get_json(addr, "/runs?workflow=&status=&limit=&before=").await;
+    assert_eq!((status, body["runs"].clone()), (200, json!([])));
+    let (status, body) = get_json(addr, "/nope").await;
+    assert_eq!((status, body["error"].is_string()), (404, true));
+    let (status, body) = get_json(addr, "/events/e").await;
+    assert_eq!((status, body["error"].is_string()), (405, true));
+    stop.cancel();
+    handle.await.expect("serve stops");
+}
+
+#[tokio::test]
+async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "x"))]);
+    let first = Server::start(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_flowrun"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &dir.db(),
+            "--dir",
+        ])
+        .arg(dir.workflows())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another flowrun serve is using"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    first.kill9();
 }

@@ -630,11 +630,15 @@ fn plural(n: u32) -> &'static str {
 }
 
 fn done(
-    record: AttemptRecord,
+    mut record: AttemptRecord,
     status: ActionStatus,
     error: Option<String>,
     result: Option<Value>,
 ) -> AttemptOutcome {
+    // The attempt's own error says how the action ended, when this attempt ended it.
+    if error.is_some() {
+        record.error.clone_from(&error);
+    }
     AttemptOutcome {
         record,
         step: Step::Done {

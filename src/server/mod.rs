@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod routes;
 
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -154,16 +155,31 @@ pub async fn serve<S: Store>(
         "listening on {}",
         addr.map_or_else(|| "?".to_owned(), |a| a.to_string())
     );
-    let http_state = Arc::clone(&state);
-    let http_shutdown = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        http_shutdown.cancelled().await;
-        // Stop taking events first: requests still arriving get 503.
-        http_state.draining.store(true, Ordering::SeqCst);
-    });
-    let result = server.await;
+    let http_stop = CancellationToken::new();
+    let mut http = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let result = tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        // The server only stops by itself on an I/O error.
+        r = &mut http => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+    };
+    // Stop taking events (ingest and /readyz answer 503 while we drain), let in-flight
+    // attempts finish within the grace period, then close the listener.
+    state.draining.store(true, Ordering::SeqCst);
     background.cancel();
     while tasks.join_next().await.is_some() {}
+    http_stop.cancel();
+    if !http.is_finished()
+        && tokio::time::timeout(Duration::from_secs(1), &mut http)
+            .await
+            .is_err()
+    {
+        http.abort();
+    }
+    tracing::info!("stopped");
     result
 }
 

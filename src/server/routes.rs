@@ -1,5 +1,6 @@
 //! The HTTP API: ingest, run history, health. Errors are `{"error": "..."}`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -78,6 +79,18 @@ pub fn router<S: Store>(state: Arc<AppState<S>>) -> Router {
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see docs/api.md".into(),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint; see docs/api.md".into(),
+            )
+        })
         .with_state(state)
 }
 
@@ -248,10 +261,53 @@ async fn metrics<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
         .into_response()
 }
 
+/// Reads `workflow`, `status`, `limit`, `before`; empty values mean "any".
+fn run_filter(query: &HashMap<String, String>) -> Result<RunFilter, ApiError> {
+    let get = |k: &str| {
+        query
+            .get(k)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !matches!(k.as_str(), "workflow" | "status" | "limit" | "before"))
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown query parameter `{unknown}`; expected workflow, status, limit, before"
+            ),
+        ));
+    }
+    let limit = match get("limit") {
+        None => None,
+        Some(l) => Some(
+            l.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!("`limit` must be a number from 1 to 1000, not `{l}`"),
+                    )
+                })?,
+        ),
+    };
+    Ok(RunFilter {
+        workflow: get("workflow"),
+        status: get("status"),
+        limit,
+        before: get("before"),
+    })
+}
+
 async fn list_runs<S: Store>(
     State(state): State<Arc<AppState<S>>>,
-    Query(filter): Query<RunFilter>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    let filter = run_filter(&query)?;
     if let Some(s) = &filter.status
         && !matches!(s.as_str(), "pending" | "succeeded" | "failed")
     {
@@ -269,7 +325,12 @@ async fn show_run<S: Store>(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     match state.store.get_run(&id).await? {
-        Some(run) => Ok(Json(run).into_response()),
+        // Attempts were redacted when recorded; the payload may hold a secret value too.
+        Some(run) => {
+            let value =
+                serde_json::to_value(&run).unwrap_or_else(|e| panic!("BUG: a run serializes: {e}"));
+            Ok(Json(state.secrets.redactor().redact_json(&value)).into_response())
+        }
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run `{id}`"))),
     }
 }

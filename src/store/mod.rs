@@ -29,6 +29,15 @@ pub enum Error {
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A transaction could not be committed.
+    #[error("cannot commit: {0}")]
+    Commit(String),
+    /// The database is owned by another process.
+    #[error("{0}")]
+    Locked(String),
+    /// Too many writes are waiting; try again shortly.
+    #[error("the store is overloaded; try again shortly")]
+    Busy,
     /// The store's writer has stopped.
     #[error("the store is closed")]
     Closed,
@@ -148,6 +157,8 @@ pub struct StepRecord {
     pub next: NextState,
     /// Now.
     pub at: Millis,
+    /// When going on to the next action, the claim is held until then.
+    pub lease_until: Millis,
 }
 
 /// Filters for listing runs.
@@ -238,6 +249,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Claimed>>> + Send;
     /// Records one step and the run's next state; a retry or finish releases the claim.
     fn record(&self, step: StepRecord) -> impl Future<Output = Result> + Send;
+    /// Extends `worker`'s claim on a run to `until`; `false` if the claim was lost.
+    fn renew(
+        &self,
+        run_id: &str,
+        worker: &str,
+        until: Millis,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// Gives claims back (at start-up after a crash, or at shutdown).
     fn release(&self, worker: Option<&str>) -> impl Future<Output = Result<u64>> + Send;
     /// A pinned workflow version's file name and text.

@@ -17,6 +17,8 @@ use crate::engine::AttemptRecord;
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 1024;
+/// Most writes waiting for the writer; beyond this, callers get [`Error::Busy`].
+const MAX_QUEUE: usize = 65_536;
 
 /// Schema changes, applied in order at start-up; never edit one that has shipped.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -62,13 +64,14 @@ enum Op {
     },
     Record(Box<StepRecord>, oneshot::Sender<Result>),
     Release(Option<String>, oneshot::Sender<Result<u64>>),
+    Renew(String, String, Millis, oneshot::Sender<Result<bool>>),
     Prune(Millis, oneshot::Sender<Result<u64>>),
 }
 
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::SyncSender<Op>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
@@ -89,6 +92,36 @@ pub fn path_from_url(url: &str) -> Result<PathBuf> {
         return Err(Error::Url(url.to_owned()));
     }
     Ok(PathBuf::from(rest))
+}
+
+/// Takes the exclusive lock that makes one `serve` process the owner of a
+/// database file (`PATH.lock`); held until the returned file is dropped or the
+/// process dies. Two `serve`s on one SQLite file would release each other's claims.
+pub fn lock(path: &Path) -> Result<std::fs::File> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            Error::Locked(format!(
+                "cannot open `{}`: {e}",
+                std::path::Path::new(&lock_path).display()
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(format!(
+            "another flowrun serve is using `{}`; use PostgreSQL to run several instances",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Locked(format!(
+            "cannot lock `{}`: {e}",
+            path.display()
+        ))),
+    }
 }
 
 fn open(path: &Path) -> Result<Connection> {
@@ -127,7 +160,7 @@ impl SqliteStore {
         let mut conn = open(path)?;
         migrate(&mut conn)?;
         let reader = open(path)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(MAX_QUEUE);
         std::thread::Builder::new()
             .name("flowrun-sqlite-writer".into())
             .spawn(move || writer(conn, &rx))
@@ -146,7 +179,11 @@ impl SqliteStore {
 
     async fn send<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(op(tx)).map_err(|_| Error::Closed)?;
+        // Never block the async caller: a full queue is an overload, answered at once.
+        self.writer.try_send(op(tx)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => Error::Busy,
+            mpsc::TrySendError::Disconnected(_) => Error::Closed,
+        })?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -218,7 +255,7 @@ impl Reply {
 }
 
 fn commit_failed<T>(message: &str) -> Result<T> {
-    Err(Error::Corrupt(format!("commit failed: {message}")))
+    Err(Error::Commit(message.to_owned()))
 }
 
 type BatchResult = std::result::Result<Vec<Reply>, (rusqlite::Error, Vec<Reply>)>;
@@ -251,6 +288,7 @@ fn op_failed(op: Op) -> Reply {
         Op::Record(_, tx) => Reply::Unit(tx, Err(Error::Closed)),
         Op::Claim { reply, .. } => Reply::Claims(reply, Err(Error::Closed)),
         Op::Release(_, tx) | Op::Prune(_, tx) => Reply::Count(tx, Err(Error::Closed)),
+        Op::Renew(.., tx) => Reply::Flag(tx, Err(Error::Closed)),
     }
 }
 
@@ -285,6 +323,17 @@ fn apply_one(tx: &Transaction<'_>, op: Op) -> Reply {
         Op::Release(worker, reply) => {
             Reply::Count(reply, savepoint(tx, |tx| release(tx, worker.as_deref())))
         }
+        Op::Renew(run, worker, until, reply) => Reply::Flag(
+            reply,
+            savepoint(tx, |tx| {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE runs SET claimed_until = ?3 WHERE id = ?1 AND claimed_by = ?2 AND status = 'pending'",
+                    )?
+                    .execute(params![run, worker, until])?;
+                Ok(n == 1)
+            }),
+        ),
         Op::Prune(before, reply) => Reply::Count(reply, savepoint(tx, |tx| prune(tx, before))),
     }
 }
@@ -423,7 +472,7 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
         } => {
             tx.prepare_cached(
                 "UPDATE runs SET next_action = ?2, attempt = 1, delivery_id = ?3, first_attempt_at = NULL,
-                                 steps = ?4, due_at = ?5
+                                 steps = ?4, due_at = ?5, claimed_until = ?6
                  WHERE id = ?1",
             )?
             .execute(params![
@@ -431,7 +480,8 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
                 i64::try_from(*next_action).unwrap_or(i64::MAX),
                 delivery_id,
                 json_text(steps),
-                step.at
+                step.at,
+                step.lease_until
             ])?;
         }
         NextState::Finished { status, not_run } => {
@@ -565,6 +615,11 @@ impl Store for SqliteStore {
 
     async fn record(&self, step: StepRecord) -> Result {
         self.send(|tx| Op::Record(Box::new(step), tx)).await
+    }
+
+    async fn renew(&self, run_id: &str, worker: &str, until: Millis) -> Result<bool> {
+        let (run, worker) = (run_id.to_owned(), worker.to_owned());
+        self.send(|tx| Op::Renew(run, worker, until, tx)).await
     }
 
     async fn release(&self, worker: Option<&str>) -> Result<u64> {
