@@ -4,6 +4,7 @@
 //!   posting to a loopback sink, events sent by 64 concurrent HTTP clients.
 //! - P6: p50/p99 latency of `POST /events` at a fixed 1,000 events/s.
 //! - P5: RSS of a real `flowrun serve` process with 100,000 pending retries in the store.
+//! - P4: time from saving a workflow file to its new version being live (`GET /workflows`).
 //!
 //! Run: `cargo bench --bench serve` (P5 needs `cargo build --release` first for the binary).
 //! The load generator is this binary (tokio + reqwest), on the same 2 cores as the server.
@@ -56,6 +57,16 @@ async fn start(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    let store = Arc::new(SqliteStore::open(&dir.join("bench.db")).expect("store"));
+    let (addr, stop, handle) = start_on(dir, sink, Arc::clone(&store)).await;
+    (addr, store, stop, handle)
+}
+
+async fn start_on<S: flowrun::store::Store>(
+    dir: &Path,
+    sink: SocketAddr,
+    store: Arc<S>,
+) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let wf_dir = dir.join("workflows");
     std::fs::create_dir_all(&wf_dir).expect("mkdir");
     std::fs::write(
@@ -63,7 +74,6 @@ async fn start(
         WORKFLOW.replace("SINK", &sink.to_string()),
     )
     .expect("write");
-    let store = Arc::new(SqliteStore::open(&dir.join("bench.db")).expect("store"));
     let registry = Registry::load(&wf_dir).expect("load");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -78,13 +88,96 @@ async fn start(
         workers: flowrun::worker::Config::default(),
     };
     let token = CancellationToken::new();
-    let (s, t) = (Arc::clone(&store), token.clone());
+    let t = token.clone();
     let handle = tokio::spawn(async move {
-        server::serve(listener, s, engine, Secrets::default(), registry, config, t)
-            .await
-            .expect("serve");
+        server::serve(
+            listener,
+            store,
+            engine,
+            Secrets::default(),
+            registry,
+            config,
+            t,
+        )
+        .await
+        .expect("serve");
     });
-    (addr, store, token, handle)
+    (addr, token, handle)
+}
+
+/// Sends `total` events from `concurrency` clients, round-robin over `targets`.
+async fn load(targets: &[SocketAddr], total: usize, concurrency: usize) -> Duration {
+    let client = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let targets: Arc<Vec<SocketAddr>> = Arc::new(targets.to_vec());
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, targets) = (client.clone(), Arc::clone(&next), Arc::clone(&targets));
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                let addr = targets[n % targets.len()];
+                let r = client
+                    .post(format!("http://{addr}/events/bench.event"))
+                    .body(format!("{{\"n\": {n}}}"))
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status().as_u16(), 202);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    start.elapsed()
+}
+
+/// P3: end to end on PostgreSQL with `instances` in-process instances sharing one database.
+async fn p3(url: &str, instances: usize, total: usize, concurrency: usize) {
+    let (sink_addr, hits) = sink().await;
+    let schema = format!("bench_{}", flowrun::engine::new_id().replace('-', ""));
+    let url = format!(
+        "{url}{}schema={schema}",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut servers = Vec::new();
+    let mut stores = Vec::new();
+    for i in 0..instances {
+        let store = Arc::new(
+            flowrun::store::postgres::PgStore::connect(&url, 32)
+                .await
+                .expect("PostgreSQL"),
+        );
+        let sub = dir.path().join(format!("i{i}"));
+        let (addr, stop, handle) = start_on(&sub, sink_addr, Arc::clone(&store)).await;
+        servers.push((addr, stop, handle));
+        stores.push(store);
+    }
+    let targets: Vec<SocketAddr> = servers.iter().map(|s| s.0).collect();
+    let start = Instant::now();
+    let accepted = load(&targets, total, concurrency).await;
+    loop {
+        if hits.load(Ordering::Relaxed) >= total
+            && stores[0].queue_depth().await.expect("depth").0 == 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = start.elapsed();
+    println!(
+        "P3 postgres, {instances} instance(s): {total} events, {concurrency} concurrent clients: accepted {:.0} events/s; delivered end to end {:.0} events/s",
+        total as f64 / accepted.as_secs_f64(),
+        total as f64 / delivered.as_secs_f64()
+    );
+    for (_, stop, handle) in servers {
+        stop.cancel();
+        handle.await.expect("stop");
+    }
 }
 
 fn client() -> reqwest::Client {
@@ -277,6 +370,51 @@ async fn p5(pending: usize) {
     let _ = child.wait();
 }
 
+async fn p4(saves: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sink_addr, _hits) = sink().await;
+    let (addr, _store, stop, handle) = start(dir.path(), sink_addr).await;
+    let client = client();
+    let file = dir.path().join("workflows/bench.yaml");
+    let mut times = Vec::with_capacity(saves);
+    for i in 0..saves {
+        let text = WORKFLOW.replace("SINK", &sink_addr.to_string()) + &format!("# save {i}\n");
+        let hash = flowrun::workflow::version_hash(&text);
+        let start = Instant::now();
+        std::fs::write(&file, &text).expect("save");
+        loop {
+            let body = client
+                .get(format!("http://{addr}/workflows"))
+                .send()
+                .await
+                .expect("get")
+                .text()
+                .await
+                .expect("text");
+            if body.contains(&hash) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "reload never happened"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        times.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "P4 reload: {saves} saves: saved file live after median {:.1} ms, p95 {:.1} ms, max {:.1} ms (debounce 40 ms quiet / 150 ms max)",
+        ms(times[saves / 2]),
+        ms(times[(saves * 95 / 100).min(saves - 1)]),
+        ms(times[saves - 1])
+    );
+    stop.cancel();
+    handle.await.expect("stop");
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -291,6 +429,18 @@ fn main() {
         }
         if only("P6") {
             p6(1000, 10).await;
+        }
+        if only("P4") {
+            p4(20).await;
+        }
+        if only("P3") {
+            match std::env::var("FLOWRUN_TEST_POSTGRES_URL") {
+                Ok(url) => {
+                    p3(&url, 1, 10_000, 64).await;
+                    p3(&url, 2, 10_000, 64).await;
+                }
+                Err(_) => println!("P3 skipped: set FLOWRUN_TEST_POSTGRES_URL"),
+            }
         }
         if only("P5") {
             p5(100_000).await;

@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// Runs worked on at once.
     #[arg(long, default_value_t = crate::worker::Config::default().concurrency)]
     pub workers: usize,
+    /// How long a claim lasts without renewal: work of an instance that died is
+    /// taken over by another this long after its last renewal.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub lease: std::time::Duration,
     /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
     #[arg(long)]
     pub secrets_file: Option<PathBuf>,
@@ -384,19 +388,37 @@ fn with_runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
 }
 
 /// Opens an existing database for reading history; never creates one.
-fn open_history(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
-    match crate::store::sqlite::path_from_url(url) {
-        Ok(p) if !p.exists() => Err(usage(format!(
-            "no database at `{}`; start `flowrun serve` first or pass --db",
-            p.display()
-        ))),
-        Ok(_) => open_store(url),
-        Err(e) => Err(usage(e)),
-    }
+/// The store a `--db` URL names.
+enum Db {
+    /// SQLite, with the lock that makes this process its only `serve`.
+    Sqlite(crate::store::sqlite::SqliteStore, Option<std::fs::File>),
+    /// PostgreSQL, shared by several instances.
+    Postgres(Box<crate::store::postgres::PgStore>),
 }
 
-fn open_store(url: &str) -> Result<crate::store::sqlite::SqliteStore, u8> {
-    crate::store::sqlite::SqliteStore::open_url(url)
+/// Opens the store `url` names. `serve` locks a SQLite file; history commands
+/// never create a database.
+async fn open_db(url: &str, serve: bool, pool: usize) -> Result<Db, u8> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return crate::store::postgres::PgStore::connect(url, pool)
+            .await
+            .map(|s| Db::Postgres(Box::new(s)))
+            .map_err(|e| usage(format!("cannot open the PostgreSQL database: {e}")));
+    }
+    let path = crate::store::sqlite::path_from_url(url).map_err(usage)?;
+    if !serve && !path.exists() {
+        return Err(usage(format!(
+            "no database at `{}`; start `flowrun serve` first or pass --db",
+            path.display()
+        )));
+    }
+    let lock = if serve {
+        Some(crate::store::sqlite::lock(&path).map_err(usage)?)
+    } else {
+        None
+    };
+    crate::store::sqlite::SqliteStore::open(&path)
+        .map(|s| Db::Sqlite(s, lock))
         .map_err(|e| usage(format!("cannot open `{url}`: {e}")))
 }
 
@@ -405,14 +427,8 @@ async fn serve(args: ServeArgs) -> u8 {
         Ok(r) => r,
         Err(e) => return usage(e),
     };
-    let _lock = match crate::store::sqlite::path_from_url(&args.db)
-        .and_then(|p| crate::store::sqlite::lock(&p))
-    {
-        Ok(lock) => lock,
-        Err(e) => return usage(e),
-    };
-    let store = match open_store(&args.db) {
-        Ok(s) => std::sync::Arc::new(s),
+    let db = match open_db(&args.db, true, args.workers.clamp(4, 32)).await {
+        Ok(db) => db,
         Err(code) => return code,
     };
     let mut secrets = Secrets::from_env();
@@ -442,7 +458,7 @@ async fn serve(args: ServeArgs) -> u8 {
         listener
             .local_addr()
             .map_or_else(|_| args.listen.clone(), |a| a.to_string()),
-        args.db
+        redact_url(&args.db)
     );
     let config = crate::server::Config {
         dir: args.dir.clone(),
@@ -452,11 +468,38 @@ async fn serve(args: ServeArgs) -> u8 {
         workers: crate::worker::Config {
             concurrency: args.workers.max(1),
             grace: args.grace,
+            lease: args.lease,
             ..crate::worker::Config::default()
         },
     };
     let shutdown = crate::shutdown::on_signal();
-    match crate::server::serve(listener, store, engine, secrets, registry, config, shutdown).await {
+    let result = match db {
+        Db::Sqlite(store, _lock) => {
+            crate::server::serve(
+                listener,
+                std::sync::Arc::new(store),
+                engine,
+                secrets,
+                registry,
+                config,
+                shutdown,
+            )
+            .await
+        }
+        Db::Postgres(store) => {
+            crate::server::serve(
+                listener,
+                std::sync::Arc::new(*store),
+                engine,
+                secrets,
+                registry,
+                config,
+                shutdown,
+            )
+            .await
+        }
+    };
+    match result {
         Ok(()) => EXIT_OK,
         Err(e) => {
             eprintln!("error: {e}");
@@ -465,27 +508,49 @@ async fn serve(args: ServeArgs) -> u8 {
     }
 }
 
+/// A database URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 async fn runs(command: RunsCommand) -> u8 {
-    use crate::store::Store as _;
+    let url = match &command {
+        RunsCommand::List { db, .. } | RunsCommand::Show { db, .. } => db.clone(),
+    };
+    if let RunsCommand::List {
+        status: Some(s), ..
+    } = &command
+        && !matches!(s.as_str(), "pending" | "succeeded" | "failed")
+    {
+        return usage(format!(
+            "unknown status `{s}`; expected one of pending, succeeded, failed"
+        ));
+    }
+    match open_db(&url, false, 2).await {
+        Ok(Db::Sqlite(store, _)) => runs_in(&store, command).await,
+        Ok(Db::Postgres(store)) => runs_in(&*store, command).await,
+        Err(code) => code,
+    }
+}
+
+async fn runs_in<S: crate::store::Store>(store: &S, command: RunsCommand) -> u8 {
     match command {
         RunsCommand::List {
             workflow,
             status,
             limit,
-            db,
             output,
+            ..
         } => {
-            if let Some(s) = &status
-                && !matches!(s.as_str(), "pending" | "succeeded" | "failed")
-            {
-                return usage(format!(
-                    "unknown status `{s}`; expected one of pending, succeeded, failed"
-                ));
-            }
-            let store = match open_history(&db) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
             let filter = crate::store::RunFilter {
                 workflow,
                 status,
@@ -514,27 +579,21 @@ async fn runs(command: RunsCommand) -> u8 {
                 Err(e) => usage(e),
             }
         }
-        RunsCommand::Show { id, db } => {
-            let store = match open_history(&db) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match store.get_run(&id).await {
-                Ok(Some(run)) => {
-                    let value = serde_json::to_value(&run).unwrap_or_default();
-                    let value = Secrets::from_env().redactor().redact_json(&value);
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&value).unwrap_or_default()
-                    );
-                    EXIT_OK
-                }
-                Ok(None) => {
-                    eprintln!("error: no run `{id}`");
-                    EXIT_FAILED
-                }
-                Err(e) => usage(e),
+        RunsCommand::Show { id, .. } => match store.get_run(&id).await {
+            Ok(Some(run)) => {
+                let value = serde_json::to_value(&run).unwrap_or_default();
+                let value = Secrets::from_env().redactor().redact_json(&value);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+                EXIT_OK
             }
-        }
+            Ok(None) => {
+                eprintln!("error: no run `{id}`");
+                EXIT_FAILED
+            }
+            Err(e) => usage(e),
+        },
     }
 }

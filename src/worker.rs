@@ -37,7 +37,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             concurrency: 256,
-            lease: Duration::from_secs(300),
+            lease: Duration::from_secs(30),
             poll: Duration::from_secs(1),
             grace: Duration::from_secs(10),
         }
@@ -150,7 +150,7 @@ impl<S: Store> Workers<S> {
             );
             inflight.abort_all();
         }
-        if let Err(e) = self.store.release(Some(&self.id)).await {
+        if let Err(e) = self.store.release(&self.id).await {
             tracing::error!("cannot release claims: {e}");
         }
     }

@@ -379,16 +379,14 @@ struct Server {
 
 impl Server {
     fn start(dir: &Dir) -> Server {
+        Server::start_on(dir, &dir.db(), &[])
+    }
+
+    fn start_on(dir: &Dir, db: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flowrun"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                &dir.db(),
-                "--dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--db", db, "--dir"])
             .arg(dir.workflows())
+            .args(extra)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -426,6 +424,14 @@ impl Server {
             .status()
             .expect("kill -TERM");
         self.child.wait().expect("exit").code()
+    }
+}
+
+impl Drop for Server {
+    // A failing test must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -1196,4 +1202,73 @@ async fn a_second_serve_on_the_same_sqlite_file_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     first.kill9();
+}
+
+#[tokio::test]
+async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
+    let Ok(base) = std::env::var("FLOWRUN_TEST_POSTGRES_URL") else {
+        println!(
+            "skipped two_instances_on_postgres_share_the_work_and_survive_a_kill_9: FLOWRUN_TEST_POSTGRES_URL is not set"
+        );
+        return;
+    };
+    let db = format!(
+        "{base}{}schema=t_{}",
+        if base.contains('?') { '&' } else { '?' },
+        flowrun::engine::new_id().replace('-', "")
+    );
+    // Each delivery takes 50 ms, so hundreds are still queued or in flight at the kill.
+    let sink = Sink::start(vec![(200, Duration::from_millis(50))]).await;
+    let dir = Dir::new(&[(
+        "a.yaml",
+        workflow("wf-a", "e", &format!("http://{}/x", sink.addr), ""),
+    )]);
+    let extra = ["--lease", "2s", "--workers", "32"];
+    let a = Server::start_on(&dir, &db, &extra);
+    let b = Server::start_on(&dir, &db, &extra);
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    let total = 1000;
+    let started = Instant::now();
+    let mut posts = tokio::task::JoinSet::new();
+    for chunk in 0..20 {
+        posts.spawn(async move {
+            for i in 0..total / 20 {
+                let n = chunk * (total / 20) + i;
+                let addr = if n % 2 == 0 { a_addr } else { b_addr };
+                let (status, _) = post_event(addr, "e", &format!(r#"{{"order": {n}}}"#)).await;
+                assert_eq!(status, 202);
+            }
+        });
+    }
+    while let Some(r) = posts.join_next().await {
+        r.expect("all 1000 events accepted");
+    }
+    let before_kill = sink.hits().len();
+    let accepted_in = started.elapsed();
+    a.kill9();
+    // B takes over A's claims once their 2 s lease ends.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, pending) = get_json(b_addr, "/runs?status=pending&limit=1").await;
+        if pending["runs"] == json!([]) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits = sink.hits();
+    let mut orders: Vec<String> = hits.iter().map(|h| h.body.clone()).collect();
+    orders.sort();
+    orders.dedup();
+    let duplicates = hits.len() - orders.len();
+    println!(
+        "two instances: {total} events accepted in {accepted_in:?}; kill -9 of one after {before_kill} deliveries; all runs done {:?} later: {} deliveries, {duplicates} duplicates",
+        started.elapsed() - accepted_in,
+        hits.len()
+    );
+    assert_eq!(orders.len(), total, "every accepted event's run completed");
+    // Only attempts in flight at the kill are sent twice: at most A's 32 workers.
+    assert!(duplicates <= 32, "{duplicates} duplicates");
+    let (_, pending) = get_json(b_addr, "/runs?status=pending&limit=1").await;
+    assert_eq!(pending["runs"], json!([]));
+    b.kill9();
 }

@@ -93,7 +93,7 @@ pub async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // Claims held when the last process died are given back: their steps are sent again.
-    match store.release(None).await {
+    match store.recover(crate::store::now_millis()).await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
             "{n} runs were in flight when the last process stopped; they will be re-sent"
@@ -114,6 +114,9 @@ pub async fn serve<S: Store>(
     );
     // Watch first, then catch up: a change made between the first load and now is not missed.
     let watcher = crate::watch::Watch::start(&config.dir);
+    if let Err(e) = store.listen(Arc::clone(&workers.wake)).await {
+        tracing::warn!("cannot LISTEN for new work ({e}); polling instead");
+    }
     let (registry_tx, _) = watch::channel(Arc::new(registry));
     crate::watch::reload(&config.dir, &registry_tx, &metrics);
     let state = Arc::new(AppState {

@@ -5,6 +5,7 @@
 //! next due. Workers claim due runs under a lease, make one attempt, and record
 //! the attempt together with the run's next state in one transaction.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -23,8 +24,11 @@ pub enum Error {
     /// The database refused an operation.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused an operation.
+    #[error("database error: {0}")]
+    Postgres(String),
     /// The database URL is not understood.
-    #[error("unsupported database URL `{0}`; use sqlite://PATH")]
+    #[error("unsupported database URL `{0}`; use sqlite://PATH or postgres://…")]
     Url(String),
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
@@ -256,8 +260,12 @@ pub trait Store: Send + Sync + 'static {
         worker: &str,
         until: Millis,
     ) -> impl Future<Output = Result<bool>> + Send;
-    /// Gives claims back (at start-up after a crash, or at shutdown).
-    fn release(&self, worker: Option<&str>) -> impl Future<Output = Result<u64>> + Send;
+    /// Gives `worker`'s claims back (at shutdown).
+    fn release(&self, worker: &str) -> impl Future<Output = Result<u64>> + Send;
+    /// At start-up: makes work held by processes that died claimable again, and
+    /// says how much there was. SQLite (one process per file): every claim.
+    /// PostgreSQL (shared): claims whose lease has ended.
+    fn recover(&self, now: Millis) -> impl Future<Output = Result<u64>> + Send;
     /// A pinned workflow version's file name and text.
     fn version(&self, hash: &str) -> impl Future<Output = Result<Option<(String, String)>>> + Send;
     /// When the earliest pending run is due, if any.
@@ -271,6 +279,12 @@ pub trait Store: Send + Sync + 'static {
     fn prune(&self, before: Millis) -> impl Future<Output = Result<u64>> + Send;
     /// Checks the store answers.
     fn ping(&self) -> impl Future<Output = Result> + Send;
+    /// Rings `wake` whenever any instance stores new work (PostgreSQL LISTEN/NOTIFY);
+    /// a single-process store needs nothing here.
+    fn listen(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> impl Future<Output = Result> + Send;
 }
 
 /// Now, in store time.
@@ -292,4 +306,69 @@ pub fn from_millis(ms: Millis) -> std::time::SystemTime {
 /// Store time as RFC 3339.
 pub fn rfc3339(ms: Millis) -> String {
     humantime::format_rfc3339_millis(from_millis(ms)).to_string()
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!("{what}: {e}"))
+}
+
+/// Builds a run's detail from stored rows (shared by the SQLite and PostgreSQL stores):
+/// actions not finished yet come from the pinned workflow as `pending`, and each
+/// action gets its attempts.
+#[allow(clippy::too_many_arguments)]
+pub fn assemble(
+    summary: RunSummary,
+    version: String,
+    file: Option<String>,
+    source: Option<String>,
+    payload: Option<String>,
+    mut actions: Vec<ActionDetail>,
+    attempts: Vec<(usize, String)>,
+) -> Result<RunDetail> {
+    if let Some(source) = &source
+        && let Ok(loaded) = crate::workflow::load_str(file.as_deref().unwrap_or(""), source)
+    {
+        for (i, a) in loaded.workflow.actions.iter().enumerate() {
+            if !actions.iter().any(|d| d.index == i) {
+                actions.push(ActionDetail {
+                    index: i,
+                    id: a.id.clone(),
+                    status: "pending".to_owned(),
+                    attempts: 0,
+                    http_status: None,
+                    error: None,
+                    message: None,
+                    attempt_log: Vec::new(),
+                });
+            }
+        }
+        actions.sort_by_key(|a| a.index);
+    }
+    for (idx, text) in attempts {
+        let record: AttemptRecord =
+            serde_json::from_str(&text).map_err(|e| corrupt("attempt", e))?;
+        if let Some(a) = actions.iter_mut().find(|a| a.index == idx) {
+            if a.status == "pending" {
+                a.attempts = record.attempt;
+            }
+            a.attempt_log.push(record);
+        }
+    }
+    // `http_status` is the last status received, even when the last attempt got none.
+    for a in &mut actions {
+        if a.http_status.is_none() {
+            a.http_status = a.attempt_log.iter().rev().find_map(|r| r.http_status);
+        }
+    }
+    let payload = match payload {
+        Some(p) => serde_json::from_str(&p).map_err(|e| corrupt("payload", e))?,
+        None => Value::Null,
+    };
+    Ok(RunDetail {
+        summary,
+        version,
+        file: file.unwrap_or_default(),
+        payload,
+        actions,
+    })
 }

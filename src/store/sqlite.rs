@@ -13,7 +13,6 @@ use super::{
     ActionDetail, Claimed, Error, Millis, NewEvent, NextState, Result, RunDetail, RunFilter,
     RunSummary, StepRecord, Store, rfc3339,
 };
-use crate::engine::AttemptRecord;
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -622,9 +621,14 @@ impl Store for SqliteStore {
         self.send(|tx| Op::Renew(run, worker, until, tx)).await
     }
 
-    async fn release(&self, worker: Option<&str>) -> Result<u64> {
-        let worker = worker.map(str::to_owned);
+    async fn release(&self, worker: &str) -> Result<u64> {
+        let worker = Some(worker.to_owned());
         self.send(|tx| Op::Release(worker, tx)).await
+    }
+
+    async fn recover(&self, _now: Millis) -> Result<u64> {
+        // The lock file makes this process the only one on the file: every claim is stale.
+        self.send(|tx| Op::Release(None, tx)).await
     }
 
     async fn version(&self, hash: &str) -> Result<Option<(String, String)>> {
@@ -676,6 +680,11 @@ impl Store for SqliteStore {
         self.send(|tx| Op::Prune(before, tx)).await
     }
 
+    async fn listen(&self, _wake: Arc<tokio::sync::Notify>) -> Result {
+        // One process per file: ingest rings the workers directly.
+        Ok(())
+    }
+
     async fn ping(&self) -> Result {
         self.read(|c| {
             Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
@@ -708,7 +717,7 @@ fn get_run(c: &Connection, id: &str) -> Result<Option<RunDetail>> {
     else {
         return Ok(None);
     };
-    let mut actions: Vec<ActionDetail> = c
+    let actions: Vec<ActionDetail> = c
         .prepare_cached(
             "SELECT idx, action_id, status, attempts, http_status, error, message FROM actions WHERE run_id = ?1 ORDER BY idx",
         )?
@@ -725,50 +734,11 @@ fn get_run(c: &Connection, id: &str) -> Result<Option<RunDetail>> {
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
-    // Actions not finished yet come from the pinned workflow: pending.
-    if let Some(source) = &source
-        && let Ok(loaded) = crate::workflow::load_str(file.as_deref().unwrap_or(""), source)
-    {
-        for (i, a) in loaded.workflow.actions.iter().enumerate() {
-            if !actions.iter().any(|d| d.index == i) {
-                actions.push(ActionDetail {
-                    index: i,
-                    id: a.id.clone(),
-                    status: "pending".to_owned(),
-                    attempts: 0,
-                    http_status: None,
-                    error: None,
-                    message: None,
-                    attempt_log: Vec::new(),
-                });
-            }
-        }
-        actions.sort_by_key(|a| a.index);
-    }
     let attempts: Vec<(usize, String)> = c
         .prepare_cached("SELECT idx, record FROM attempts WHERE run_id = ?1 ORDER BY idx, attempt")?
         .query_map([id], |r| {
             Ok((usize::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    for (idx, text) in attempts {
-        let record: AttemptRecord = parse_json(&text, "attempt")?;
-        if let Some(a) = actions.iter_mut().find(|a| a.index == idx) {
-            if a.status == "pending" {
-                a.attempts = record.attempt;
-                a.http_status = record.http_status;
-            }
-            a.attempt_log.push(record);
-        }
-    }
-    Ok(Some(RunDetail {
-        summary,
-        version,
-        file: file.unwrap_or_default(),
-        payload: payload
-            .map(|p| parse_json(&p, "payload"))
-            .transpose()?
-            .unwrap_or(Value::Null),
-        actions,
-    }))
+    super::assemble(summary, version, file, source, payload, actions, attempts).map(Some)
 }
