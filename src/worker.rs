@@ -112,7 +112,7 @@ impl<S: Store> Workers<S> {
                         for run in runs {
                             let me = Arc::clone(&self);
                             // Every log line about a run carries its id (and, inside, its workflow).
-                            let span = tracing::info_span!("run", run_id = %run.id);
+                            let span = tracing::info_span!("run", run_id = %run.id, workflow = tracing::field::Empty);
                             inflight.spawn(async move { me.execute(run).await }.instrument(span));
                         }
                     }
@@ -238,6 +238,7 @@ impl<S: Store> Workers<S> {
             Ok(p) => (p.workflow, p.secrets),
             Err(e) => return self.abandon(&run, None, e).await,
         };
+        tracing::Span::current().record("workflow", wf.name.as_str());
         let secrets = match self.secrets.select(&names) {
             Ok(s) => s,
             Err(e) => return self.abandon(&run, Some(&wf), e.to_string()).await,
@@ -271,7 +272,7 @@ impl<S: Store> Workers<S> {
             let step = self
                 .engine
                 .step(&wf, &input, &run.steps, &at, false, &redactor)
-                .instrument(tracing::info_span!("action", workflow = %wf.name, action = index));
+                .instrument(tracing::info_span!("action", action = index));
             let out = self.renewing(&run.id, step).await;
             if let Some(r) = &out.record {
                 self.metrics

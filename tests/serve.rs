@@ -179,9 +179,15 @@ async fn start_cfg(
 }
 
 fn client() -> reqwest::Client {
-    // reqwest is built without a default crypto provider (see Engine::new).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
+    // One client for the whole test binary: building one loads the TLS roots, which is slow.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            // reqwest is built without a default crypto provider (see Engine::new).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::new()
+        })
+        .clone()
 }
 
 async fn post_event(addr: SocketAddr, name: &str, body: &str) -> (u16, Value) {
@@ -1217,8 +1223,9 @@ async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
         if base.contains('?') { '&' } else { '?' },
         flowrun::engine::new_id().replace('-', "")
     );
-    // Each delivery takes 50 ms, so hundreds are still queued or in flight at the kill.
-    let sink = Sink::start(vec![(200, Duration::from_millis(50))]).await;
+    // Each delivery takes 200 ms: 64 workers deliver ~320/s, slower than events arrive,
+    // so hundreds are still queued or in flight at the kill.
+    let sink = Sink::start(vec![(200, Duration::from_millis(200))]).await;
     let dir = Dir::new(&[(
         "a.yaml",
         workflow("wf-a", "e", &format!("http://{}/x", sink.addr), ""),
@@ -1245,6 +1252,9 @@ async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
     }
     let before_kill = sink.hits().len();
     let accepted_in = started.elapsed();
+    let a_attempts = metric(a_addr, "flowrun_attempts_total", None).await;
+    let b_attempts = metric(b_addr, "flowrun_attempts_total", None).await;
+    println!("before the kill: instance A finished {a_attempts} attempts, B {b_attempts}");
     a.kill9();
     // B takes over A's claims once their 2 s lease ends.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1270,5 +1280,41 @@ async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
     assert!(duplicates <= 32, "{duplicates} duplicates");
     let (_, pending) = get_json(b_addr, "/runs?status=pending&limit=1").await;
     assert_eq!(pending["runs"], json!([]));
+    // The history CLI reads the shared database too.
+    let (code, out) = flowrun_cli(&[
+        "runs",
+        "list",
+        "--db",
+        &db,
+        "--status",
+        "succeeded",
+        "--limit",
+        "1000",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), total, "{out}");
     b.kill9();
+}
+
+#[tokio::test]
+async fn sighup_forces_a_full_reload() {
+    let dir = Dir::new(&[("a.yaml", log_workflow("wf-a", "e", "x"))]);
+    let server = Server::start(&dir);
+    let before = metric(server.addr, "flowrun_reloads_total", None).await;
+    let pid = server.child.id().to_string();
+    Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(server.addr, "flowrun_reloads_total", None).await == before
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(server.addr, "flowrun_reloads_total", None).await,
+        before + 1.0
+    );
+    assert_eq!(server.terminate(), Some(0));
 }
