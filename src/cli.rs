@@ -440,7 +440,7 @@ async fn serve(args: ServeArgs) -> u8 {
     for e in &registry.entries {
         let wf = &e.loaded.workflow;
         if let Err(err) = secrets.select(&crate::secrets::referenced(wf)) {
-            tracing::warn!(workflow = %wf.name, "{err}; its runs will fail");
+            tracing::warn!(workflow = %wf.name, "{err}; its runs (or, for `verify`, its events) will fail");
         }
     }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
@@ -472,32 +472,11 @@ async fn serve(args: ServeArgs) -> u8 {
             ..crate::worker::Config::default()
         },
     };
-    let shutdown = crate::shutdown::on_signal();
     let result = match db {
         Db::Sqlite(store, _lock) => {
-            crate::server::serve(
-                listener,
-                std::sync::Arc::new(store),
-                engine,
-                secrets,
-                registry,
-                config,
-                shutdown,
-            )
-            .await
+            serve_on(store, listener, engine, secrets, registry, config).await
         }
-        Db::Postgres(store) => {
-            crate::server::serve(
-                listener,
-                std::sync::Arc::new(*store),
-                engine,
-                secrets,
-                registry,
-                config,
-                shutdown,
-            )
-            .await
-        }
+        Db::Postgres(store) => serve_on(*store, listener, engine, secrets, registry, config).await,
     };
     match result {
         Ok(()) => EXIT_OK,
@@ -506,6 +485,27 @@ async fn serve(args: ServeArgs) -> u8 {
             EXIT_FAILED
         }
     }
+}
+
+async fn serve_on<S: crate::store::Store>(
+    store: S,
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    secrets: Secrets,
+    registry: crate::registry::Registry,
+    config: crate::server::Config,
+) -> std::io::Result<()> {
+    let shutdown = crate::shutdown::on_signal();
+    crate::server::serve(
+        listener,
+        std::sync::Arc::new(store),
+        engine,
+        secrets,
+        registry,
+        config,
+        shutdown,
+    )
+    .await
 }
 
 /// A database URL without its password, for logs.

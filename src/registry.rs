@@ -243,7 +243,10 @@ impl Registry {
                     from: old.loaded.hash.clone(),
                     to: hash,
                 }),
-                Some(_) if e.error.is_some() => changes.push(Change::KeptLastGood { name, hash }),
+                // Said once when the file breaks, not at every reload while it stays broken.
+                Some(old) if e.error.is_some() && old.error.is_none() => {
+                    changes.push(Change::KeptLastGood { name, hash });
+                }
                 Some(_) => {}
             }
         }

@@ -100,11 +100,8 @@ pub async fn serve<S: Store>(
         ),
         Err(e) => tracing::error!("cannot release old claims: {e}"),
     }
-    for d in &registry.errors {
-        tracing::warn!("{}", d.render_text().trim_end());
-    }
+    // The catch-up reload below logs the load errors and sets the workflow metrics.
     let metrics = Arc::new(Metrics::new());
-    metrics.reloaded(registry.errors.len(), registry.entries.len());
     let workers = Workers::new(
         Arc::clone(&store),
         engine,

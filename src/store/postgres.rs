@@ -883,31 +883,59 @@ impl Store for PgStore {
     }
 
     async fn listen(&self, wake: Arc<Notify>) -> Result {
-        let (client, mut conn) = self.config.connect(NoTls).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // The first LISTEN must work (a wrong URL fails start-up); later failures reconnect.
+        let first = listen_once(&self.config).await?;
+        let config = self.config.clone();
         tokio::spawn(async move {
+            let mut session = Some(first);
             loop {
-                match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => drop(tx.send(())),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        tracing::warn!("LISTEN connection: {e}; falling back to polling");
-                        return;
+                if let Some((client, mut rx)) = session.take() {
+                    while rx.recv().await.is_some() {
+                        wake.notify_one();
                     }
-                    None => return,
+                    drop(client);
+                    // Work may have arrived while we were not listening.
+                    wake.notify_one();
                 }
-            }
-        });
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        tokio::spawn(async move {
-            // The client must live as long as the connection listens.
-            let _client = client;
-            while rx.recv().await.is_some() {
-                wake.notify_one();
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                match listen_once(&config).await {
+                    Ok(s) => {
+                        tracing::info!("LISTEN re-established");
+                        session = Some(s);
+                    }
+                    Err(e) => tracing::warn!("cannot LISTEN ({e}); polling until it works again"),
+                }
             }
         });
         Ok(())
     }
+}
+
+/// One LISTEN connection: the client (kept alive) and a stream of notifications
+/// that ends when the connection does.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+) -> Result<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+)> {
+    let (client, mut conn) = config.connect(NoTls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => drop(tx.send(())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!("LISTEN connection: {e}; reconnecting");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok((client, rx))
 }
 
 #[cfg(test)]
