@@ -105,6 +105,13 @@ async fn start_on<S: flowrun::store::Store>(
     (addr, token, handle)
 }
 
+/// Waits until the sink has `total` requests and the store no unfinished run.
+async fn delivered<S: flowrun::store::Store>(hits: &AtomicUsize, total: usize, store: &S) {
+    while hits.load(Ordering::Relaxed) < total || store.queue_depth().await.expect("depth").0 > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Sends `total` events from `concurrency` clients, round-robin over `targets`.
 async fn load(targets: &[SocketAddr], total: usize, concurrency: usize) -> Duration {
     let client = client();
@@ -160,14 +167,7 @@ async fn p3(url: &str, instances: usize, total: usize, concurrency: usize) {
     let targets: Vec<SocketAddr> = servers.iter().map(|s| s.0).collect();
     let start = Instant::now();
     let accepted = load(&targets, total, concurrency).await;
-    loop {
-        if hits.load(Ordering::Relaxed) >= total
-            && stores[0].queue_depth().await.expect("depth").0 == 0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    delivered(&hits, total, &*stores[0]).await;
     let delivered = start.elapsed();
     println!(
         "P3 postgres, {instances} instance(s): {total} events, {concurrency} concurrent clients: accepted {:.0} events/s; delivered end to end {:.0} events/s",
@@ -192,47 +192,10 @@ async fn p2(total: usize, concurrency: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sink_addr, hits) = sink().await;
     let (addr, store, stop, handle) = start(dir.path(), sink_addr).await;
-    let client = client();
-    let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, next) = (client.clone(), Arc::clone(&next));
-        tasks.spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    return;
-                }
-                let r = client
-                    .post(format!("http://{addr}/events/bench.event"))
-                    .body(format!("{{\"n\": {n}}}"))
-                    .send()
-                    .await
-                    .expect("post");
-                assert_eq!(r.status().as_u16(), 202);
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let accepted = start.elapsed();
+    let accepted = load(&[addr], total, concurrency).await;
     // Delivered: the sink has every request and the store no pending run.
-    loop {
-        if hits.load(Ordering::Relaxed) >= total && store.next_due().await.expect("due").is_none() {
-            let pending = store
-                .list_runs(&flowrun::store::RunFilter {
-                    status: Some("pending".into()),
-                    limit: Some(1),
-                    ..Default::default()
-                })
-                .await
-                .expect("list");
-            if pending.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    delivered(&hits, total, &*store).await;
     let delivered = start.elapsed();
     println!(
         "P2 sqlite: {total} events, {concurrency} concurrent clients: accepted in {:.2}s = {:.0} events/s; all delivered in {:.2}s = {:.0} events/s end to end",
