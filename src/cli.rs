@@ -95,7 +95,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Database URL.
-    #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+    #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB", hide_env_values = true)]
     pub db: String,
     /// Largest accepted event body, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
@@ -111,7 +111,7 @@ pub struct ServeArgs {
     pub workers: usize,
     /// How long a claim lasts without renewal: work of an instance that died is
     /// taken over by another this long after its last renewal.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    #[arg(long, default_value = "30s", value_parser = lease)]
     pub lease: std::time::Duration,
     /// A `.env` or YAML file of secrets (overrides FLOWRUN_SECRET_* variables).
     #[arg(long)]
@@ -136,7 +136,7 @@ pub enum RunsCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB", hide_env_values = true)]
         db: String,
         /// How to print.
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -147,13 +147,24 @@ pub enum RunsCommand {
         /// The run id.
         id: String,
         /// Database URL.
-        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB")]
+        #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB", hide_env_values = true)]
         db: String,
     },
 }
 
 /// The embedded default database.
 pub const DEFAULT_DB: &str = "sqlite://flowrun.db";
+
+/// A lease from 1 s to 1 day: shorter re-claims attempts still in flight, longer
+/// delays the takeover of a dead instance's work past any use.
+fn lease(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(86_400)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("`{s}` is outside 1s..=1d"))
+    }
+}
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {
     workflow::model::human::parse(s)
@@ -458,7 +469,7 @@ async fn serve(args: ServeArgs) -> u8 {
         listener
             .local_addr()
             .map_or_else(|_| args.listen.clone(), |a| a.to_string()),
-        redact_url(&args.db)
+        crate::store::redact_url(&args.db)
     );
     let config = crate::server::Config {
         dir: args.dir.clone(),
@@ -506,20 +517,6 @@ async fn serve_on<S: crate::store::Store>(
         shutdown,
     )
     .await
-}
-
-/// A database URL without its password, for logs.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 async fn runs(command: RunsCommand) -> u8 {

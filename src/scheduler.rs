@@ -104,6 +104,7 @@ pub async fn run<S: Store>(
             () = tokio::time::sleep(wait) => {}
         }
         let now = now_millis();
+        let mut retry_soon = false;
         for (loaded, tick) in due.into_iter().filter(|(_, t)| *t <= now) {
             let name = loaded.workflow.name.clone();
             match fire(&*store, &loaded, tick).await {
@@ -116,11 +117,21 @@ pub async fn run<S: Store>(
                     tracing::debug!(workflow = %name, "tick {} already fired", rfc3339(tick))
                 }
                 Err(e) => {
-                    tracing::error!(workflow = %name, "cannot store schedule tick {}: {e}", rfc3339(tick))
+                    // Not lost: the cursor stays, so this tick is tried again (the unique key
+                    // still keeps it at most once).
+                    tracing::error!(workflow = %name, "cannot store schedule tick {}: {e}; retrying", rfc3339(tick));
+                    retry_soon = true;
+                    continue;
                 }
             }
             // Any further ticks already past (a stalled process) are skipped, not burst.
             cursor.insert(name, tick.max(now));
+        }
+        if retry_soon {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 }

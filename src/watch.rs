@@ -30,8 +30,9 @@ fn relevant(event: &notify::Event) -> bool {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        // Directories (no extension) may hold workflows; a removed path may have been one.
-        !hidden && (crate::workflow::is_workflow_file(p) || p.extension().is_none())
+        // Any visible path may matter: a workflow file, or a directory (`team.billing/`)
+        // moved in or out with workflows inside. Reloads are debounced, so extra ones are cheap.
+        !hidden
     })
 }
 

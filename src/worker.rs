@@ -51,6 +51,14 @@ struct Pinned {
     secrets: Arc<std::collections::BTreeSet<String>>,
 }
 
+/// Why a run's pinned version is not at hand.
+enum Pin {
+    /// It is gone or no longer loads: the run cannot go on.
+    Missing(String),
+    /// The store could not be read: try again later.
+    Unavailable(String),
+}
+
 /// What workers share.
 pub struct Workers<S> {
     store: Arc<S>,
@@ -104,8 +112,7 @@ impl<S: Store> Workers<S> {
             let mut claimed = 0;
             if free > 0 {
                 let now = now_millis();
-                let lease_until =
-                    now + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX / 2);
+                let lease_until = self.lease_until(now);
                 match self.store.claim(&self.id, now, lease_until, free).await {
                     Ok(runs) => {
                         claimed = runs.len();
@@ -113,7 +120,9 @@ impl<S: Store> Workers<S> {
                             let me = Arc::clone(&self);
                             // Every log line about a run carries its id (and, inside, its workflow).
                             let span = tracing::info_span!("run", run_id = %run.id, workflow = tracing::field::Empty);
-                            inflight.spawn(async move { me.execute(run).await }.instrument(span));
+                            let stop = shutdown.clone();
+                            inflight
+                                .spawn(async move { me.execute(run, stop).await }.instrument(span));
                         }
                     }
                     Err(e) => tracing::error!("cannot claim work: {e}"),
@@ -156,22 +165,32 @@ impl<S: Store> Workers<S> {
     }
 
     fn lease_until(&self, now: crate::store::Millis) -> crate::store::Millis {
-        now + i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX / 2)
+        now.saturating_add(crate::store::millis(self.config.lease))
     }
 
     /// Drives `step` while renewing the run's claim every third of the lease, so a long
     /// attempt is never taken over (and sent twice) while it is still in flight.
-    async fn renewing<T>(&self, run_id: &str, step: impl std::future::Future<Output = T>) -> T {
+    ///
+    /// `None` when the claim was lost: the step is dropped (its attempt cancelled), since
+    /// the worker that took the run over sends it again with the same delivery id.
+    async fn renewing<T>(
+        &self,
+        run_id: &str,
+        step: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
         let period = (self.config.lease / 3).max(Duration::from_millis(10));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(step);
         loop {
             tokio::select! {
-                out = &mut step => return out,
+                out = &mut step => return Some(out),
                 _ = renew.tick() => {
                     match self.store.renew(run_id, &self.id, self.lease_until(now_millis())).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::warn!("lost the claim on this run; another worker may take it over"),
+                        Ok(false) => {
+                            tracing::warn!("lost the claim on this run to another worker; stopping here");
+                            return None;
+                        }
                         Err(e) => tracing::error!("cannot renew the claim: {e}"),
                     }
                 }
@@ -182,7 +201,7 @@ impl<S: Store> Workers<S> {
     async fn until_next_due(&self) -> Duration {
         match self.store.next_due().await {
             Ok(Some(due)) => {
-                let wait = u64::try_from(due - now_millis()).unwrap_or(0);
+                let wait = u64::try_from(due.saturating_sub(now_millis())).unwrap_or(0);
                 Duration::from_millis(wait).min(self.config.poll)
             }
             Ok(None) => self.config.poll,
@@ -194,7 +213,7 @@ impl<S: Store> Workers<S> {
     }
 
     /// The run's pinned workflow version, parsed once per process.
-    async fn workflow(&self, run: &Claimed) -> Result<Pinned, String> {
+    async fn workflow(&self, run: &Claimed) -> Result<Pinned, Pin> {
         let cached = self
             .cache
             .lock()
@@ -207,19 +226,25 @@ impl<S: Store> Workers<S> {
         let (file, source) = match self.store.version(&run.version_hash).await {
             Ok(Some(v)) => v,
             Ok(None) => {
-                return Err(format!(
+                return Err(Pin::Missing(format!(
                     "the pinned workflow version {} is missing",
                     run.version_hash
-                ));
+                )));
             }
-            Err(e) => return Err(format!("cannot read the pinned workflow version: {e}")),
+            Err(e) => {
+                return Err(Pin::Unavailable(format!(
+                    "cannot read the pinned workflow version: {e}"
+                )));
+            }
         };
         let loaded = workflow::load_str(&file, &source).map_err(|errors| {
             let first = errors
                 .first()
                 .map(|d| d.message.clone())
                 .unwrap_or_default();
-            format!("the pinned workflow version no longer loads: {first}")
+            Pin::Missing(format!(
+                "the pinned workflow version no longer loads: {first}"
+            ))
         })?;
         let pinned = Pinned {
             secrets: Arc::new(crate::secrets::referenced(&loaded.workflow)),
@@ -233,10 +258,14 @@ impl<S: Store> Workers<S> {
     }
 
     /// Takes one claimed run forward until it waits for a retry or finishes.
-    async fn execute(&self, mut run: Claimed) {
+    async fn execute(&self, mut run: Claimed, shutdown: CancellationToken) {
         let (wf, names) = match self.workflow(&run).await {
             Ok(p) => (p.workflow, p.secrets),
-            Err(e) => return self.abandon(&run, None, e).await,
+            Err(Pin::Missing(e)) => return self.abandon(&run, None, e).await,
+            Err(Pin::Unavailable(e)) => {
+                // A store blip is not the run's fault: leave it claimed; the lease ends and it is taken again.
+                return tracing::error!("{e}; the run will be taken again when its lease ends");
+            }
         };
         tracing::Span::current().record("workflow", wf.name.as_str());
         let secrets = match self.secrets.select(&names) {
@@ -273,7 +302,9 @@ impl<S: Store> Workers<S> {
                 .engine
                 .step(&wf, &input, &run.steps, &at, false, &redactor)
                 .instrument(tracing::info_span!("action", action = index));
-            let out = self.renewing(&run.id, step).await;
+            let Some(out) = self.renewing(&run.id, step).await else {
+                return;
+            };
             if let Some(r) = &out.record {
                 self.metrics
                     .attempt(&r.class, r.duration_ms as f64 / 1000.0);
@@ -284,7 +315,7 @@ impl<S: Store> Workers<S> {
                     None,
                     NextState::Retry {
                         attempt: run.attempt + 1,
-                        due_at: done_at + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
+                        due_at: done_at.saturating_add(crate::store::millis(delay)),
                         first_attempt_at,
                     },
                 ),
@@ -334,11 +365,20 @@ impl<S: Store> Workers<S> {
                 next: next.clone(),
                 at: done_at,
                 lease_until: self.lease_until(done_at),
+                worker: self.id.clone(),
             };
-            if let Err(e) = self.store.record(step).await {
-                // The claim stays; the lease ends and the step is taken again (same delivery id).
-                tracing::error!(run = %run.id, "cannot record a step: {e}");
-                return;
+            match self.store.record(step).await {
+                Ok(()) => {}
+                Err(crate::store::Error::LostClaim) => {
+                    // Fenced: another worker took the run over and carries it on.
+                    return tracing::warn!(
+                        "lost the claim on this run to another worker; its step was not recorded here"
+                    );
+                }
+                Err(e) => {
+                    // The claim stays; the lease ends and the step is taken again (same delivery id).
+                    return tracing::error!(run = %run.id, "cannot record a step: {e}");
+                }
             }
             match next {
                 NextState::Advance {
@@ -350,6 +390,10 @@ impl<S: Store> Workers<S> {
                     run.delivery_id = delivery_id;
                     run.attempt = 1;
                     run.first_attempt_at = None;
+                    if shutdown.is_cancelled() {
+                        // Shutting down: the next action stays pending (released at the end of the drain).
+                        return;
+                    }
                 }
                 NextState::Retry { .. } => {
                     // The dispatcher's timer must consider this new due time.
@@ -391,6 +435,7 @@ impl<S: Store> Workers<S> {
             },
             at: to_millis(std::time::SystemTime::now()),
             lease_until: 0,
+            worker: self.id.clone(),
         };
         match self.store.record(step).await {
             Ok(()) => self.metrics.finished("failed"),

@@ -77,6 +77,7 @@ async fn claims_are_exclusive_and_steps_recorded<S: Store>(s: &S) {
         next,
         at: T0 + 10,
         lease_until: T0 + 1000,
+        worker: "w1".to_owned(),
     };
     s.record(step(
         NextState::Advance {
@@ -157,6 +158,41 @@ async fn an_ended_lease_is_taken_over_and_renewal_keeps_it<S: Store>(s: &S) {
         !s.renew(&run, "dead", T0 + 9000).await.expect("renew"),
         "the old owner lost it"
     );
+    // Fencing: the old owner's late record is refused and changes nothing.
+    let late = StepRecord {
+        run_id: run.clone(),
+        action: 0,
+        attempt: None,
+        report: Some(report(ActionStatus::Succeeded)),
+        next: NextState::Advance {
+            next_action: 1,
+            delivery_id: "d-late".into(),
+            steps: serde_json::Map::new(),
+        },
+        at: T0 + 2500,
+        lease_until: T0 + 9000,
+        worker: "dead".to_owned(),
+    };
+    assert!(matches!(
+        s.record(late.clone()).await,
+        Err(flowrun::store::Error::LostClaim)
+    ));
+    let detail = s.get_run(&run).await.expect("get").expect("run");
+    assert_eq!(
+        detail.actions[0].status, "pending",
+        "nothing of the late record was kept"
+    );
+    // The new owner records normally.
+    s.record(StepRecord {
+        worker: "w2".to_owned(),
+        ..late
+    })
+    .await
+    .expect("owner records");
+    assert_eq!(
+        s.get_run(&run).await.expect("get").expect("run").actions[0].status,
+        "succeeded"
+    );
 }
 
 async fn a_retry_is_due_only_at_its_time<S: Store>(s: &S) {
@@ -175,6 +211,7 @@ async fn a_retry_is_due_only_at_its_time<S: Store>(s: &S) {
         },
         at: T0,
         lease_until: 0,
+        worker: "w".to_owned(),
     })
     .await
     .expect("record");
@@ -263,6 +300,7 @@ async fn history_lists_newest_first_and_prunes<S: Store>(s: &S) {
         },
         at: T0 + 200,
         lease_until: 0,
+        worker: "w".to_owned(),
     })
     .await
     .expect("record");

@@ -544,7 +544,8 @@ impl Engine {
         let (reason, retry_after) = match &sent {
             Sent::Response(r) => {
                 record.http_status = Some(r.status);
-                record.response_body = Some(redactor.redact(&preview(&r.body)));
+                // Redact before cutting, so a secret across the cut cannot leave a prefix behind.
+                record.response_body = Some(preview(&redactor.redact(&r.body)));
                 let line = r.status_line();
                 match http::classify(r.status, h) {
                     Verdict::Success => {

@@ -165,6 +165,13 @@ pub async fn serve<S: Store>(
         () = shutdown.cancelled() => Ok(()),
         // The server only stops by itself on an I/O error.
         r = &mut http => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        // Workers, schedules, reload and retention run until shutdown: one that stops
+        // (a panic) is critical, since events would be accepted and never run.
+        Some(r) = tasks.join_next() => {
+            let why = r.err().map_or_else(|| "stopped".to_owned(), |e| e.to_string());
+            tracing::error!("a background task ended before shutdown ({why}); stopping");
+            Err(std::io::Error::other(format!("a background task ended: {why}")))
+        }
     };
     // Stop taking events (ingest and /readyz answer 503 while we drain), let in-flight
     // attempts finish within the grace period, then close the listener.
@@ -185,8 +192,7 @@ pub async fn serve<S: Store>(
 
 async fn retention<S: Store>(store: Arc<S>, retain: Duration, stop: CancellationToken) {
     loop {
-        let before =
-            crate::store::now_millis() - i64::try_from(retain.as_millis()).unwrap_or(i64::MAX / 2);
+        let before = crate::store::now_millis().saturating_sub(crate::store::millis(retain));
         match store.prune(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} finished runs"),

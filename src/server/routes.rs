@@ -155,6 +155,18 @@ async fn accept<S: Store>(
             "a valid `Authorization: Bearer <token>` is required".into(),
         ));
     }
+    let valid_name = !name.is_empty()
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+    if !valid_name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "an event name uses letters, digits, `.`, `_`, `:` and `-` (at most 128), starting with a letter or digit".into(),
+        ));
+    }
     let bytes = read_body(body, state.max_body).await?;
     let registry = state.registry();
     let workflows: Vec<Arc<Loaded>> = registry.by_event.get(&name).cloned().unwrap_or_default();
@@ -180,6 +192,15 @@ async fn accept<S: Store>(
                 ),
             )
         })?;
+        if crate::engine::sign::key(&secret).is_err()
+            && verify.scheme == crate::workflow::model::VerifyScheme::StandardWebhooks
+        {
+            tracing::error!(workflow = %wf, "the `verify.secret` has a `whsec_` prefix but is not base64");
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("workflow `{wf}` cannot verify events: its `verify.secret` is malformed"),
+            ));
+        }
         auth::check(verify, &secret, headers, &bytes, now).map_err(|why| {
             ApiError(
                 StatusCode::UNAUTHORIZED,

@@ -39,6 +39,9 @@ pub enum Error {
     /// The database is owned by another process.
     #[error("{0}")]
     Locked(String),
+    /// The run's claim was taken over (the lease ended): this worker must stop.
+    #[error("the claim on this run was taken over by another worker")]
+    LostClaim,
     /// Too many writes are waiting; try again shortly.
     #[error("the store is overloaded; try again shortly")]
     Busy,
@@ -163,6 +166,8 @@ pub struct StepRecord {
     pub at: Millis,
     /// When going on to the next action, the claim is held until then.
     pub lease_until: Millis,
+    /// The worker that holds the claim: a record from a worker that lost it is refused.
+    pub worker: String,
 }
 
 /// Filters for listing runs.
@@ -298,6 +303,11 @@ pub fn to_millis(t: std::time::SystemTime) -> Millis {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A duration in store time (saturating).
+pub fn millis(d: std::time::Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Store time as a `SystemTime`.
 pub fn from_millis(ms: Millis) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
@@ -371,4 +381,50 @@ pub fn assemble(
         payload,
         actions,
     })
+}
+
+/// A database URL without its password (in the user-info or a `password=`
+/// parameter), for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let url = match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    };
+    match url.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<&str> = query
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=[redacted]"
+                    } else {
+                        kv
+                    }
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => url,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db/x"),
+            "postgres://app:[redacted]@db/x"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/x?password=hunter2&sslmode=disable"),
+            "postgres://app@db/x?password=[redacted]&sslmode=disable"
+        );
+        assert_eq!(redact_url("sqlite://flowrun.db"), "sqlite://flowrun.db");
+    }
 }

@@ -50,7 +50,11 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
-        Error::Postgres(e.to_string())
+        // "db error" alone says nothing: give the server's message when there is one.
+        match e.as_db_error() {
+            Some(db) => Error::Postgres(format!("{}: {}", db.code().code(), db.message())),
+            None => Error::Postgres(e.to_string()),
+        }
     }
 }
 
@@ -125,8 +129,9 @@ impl PgStore {
     /// Connects (pool of `max_size`), creates the `schema=` schema if named, applies migrations.
     pub async fn connect(url: &str, max_size: usize) -> Result<Self> {
         let (url, schema) = split_schema(url);
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| Error::Url(format!("{url}: {e}")))?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Url(format!("{}: {e}", super::redact_url(&url))))?;
         if let Some(schema) = &schema {
             if !schema
                 .chars()
@@ -264,15 +269,15 @@ async fn insert_batch(pool: &Pool, events: &[&NewEvent]) -> Result {
         std::collections::BTreeMap::new();
     for e in events {
         ids.push(e.id.as_str());
-        names.push(e.name.as_str());
-        payloads.push(json_text(&e.payload));
+        names.push(text(&e.name));
+        payloads.push(text(&json_text(&e.payload)));
         received.push(e.received_at);
         for r in &e.runs {
             run_ids.push(r.id.as_str());
             run_events.push(e.id.as_str());
             workflows.push(r.version.name.as_str());
             hashes.push(r.version.hash.as_str());
-            triggers.push(json_text(&r.trigger));
+            triggers.push(text(&json_text(&r.trigger)));
             deliveries.push(r.delivery_id.as_str());
             run_at.push(e.received_at);
             versions.insert(r.version.hash.as_str(), &r.version);
@@ -338,13 +343,28 @@ async fn recorder(pool: Pool, mut rx: tokio::sync::mpsc::Receiver<Record>, notif
             // Other instances recompute their timer for the new due time.
             notify.notify_one();
         }
-        for (_, reply) in batch.drain(..) {
+        for (step, reply) in batch.drain(..) {
             drop(reply.send(match &result {
-                Ok(()) => Ok(()),
+                Ok(moved) if moved.contains(&step.run_id) => Ok(()),
+                Ok(_) => Err(Error::LostClaim),
                 Err(e) => Err(Error::Postgres(e.to_string())),
             }));
         }
     }
+}
+
+/// PostgreSQL TEXT cannot hold U+0000; a NUL from a payload or a response must not
+/// fail a whole group commit.
+fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
+    }
+}
+
+fn opt_text(s: Option<&String>) -> Option<String> {
+    s.map(|s| text(s))
 }
 
 #[derive(Default)]
@@ -365,11 +385,13 @@ struct Columns {
     r_message: Vec<Option<String>>,
     // retries
     t_run: Vec<String>,
+    t_worker: Vec<String>,
     t_attempt: Vec<i64>,
     t_due: Vec<i64>,
     t_first: Vec<i64>,
     // advances
     v_run: Vec<String>,
+    v_worker: Vec<String>,
     v_next: Vec<i64>,
     v_delivery: Vec<String>,
     v_steps: Vec<String>,
@@ -377,6 +399,7 @@ struct Columns {
     v_lease: Vec<i64>,
     // finishes
     f_run: Vec<String>,
+    f_worker: Vec<String>,
     f_status: Vec<String>,
     f_at: Vec<i64>,
 }
@@ -402,28 +425,14 @@ impl Columns {
     }
 }
 
-async fn record_batch(pool: &Pool, steps: &[&StepRecord]) -> Result {
+/// Records a batch of steps in one transaction. Each run moves on only if the
+/// recording worker still holds its claim (fencing); returns the runs that moved.
+async fn record_batch(
+    pool: &Pool,
+    steps: &[&StepRecord],
+) -> Result<std::collections::HashSet<String>> {
     let mut c = Columns::default();
     for step in steps {
-        let idx = i(step.action);
-        if let Some(a) = &step.attempt {
-            c.a_run.push(step.run_id.clone());
-            c.a_idx.push(idx);
-            c.a_attempt.push(i64::from(a.attempt));
-            c.a_record.push(json_text(a));
-        }
-        if let Some(r) = &step.report {
-            let n = c.action(
-                &step.run_id,
-                idx,
-                r.id.clone(),
-                r.status.as_str(),
-                i64::from(r.attempts),
-            );
-            c.r_http[n] = r.http_status.map(i32::from);
-            c.r_error[n].clone_from(&r.error);
-            c.r_message[n].clone_from(&r.message);
-        }
         match &step.next {
             NextState::Retry {
                 attempt,
@@ -431,6 +440,7 @@ async fn record_batch(pool: &Pool, steps: &[&StepRecord]) -> Result {
                 first_attempt_at,
             } => {
                 c.t_run.push(step.run_id.clone());
+                c.t_worker.push(step.worker.clone());
                 c.t_attempt.push(i64::from(*attempt));
                 c.t_due.push(*due_at);
                 c.t_first.push(*first_attempt_at);
@@ -441,24 +451,113 @@ async fn record_batch(pool: &Pool, steps: &[&StepRecord]) -> Result {
                 steps,
             } => {
                 c.v_run.push(step.run_id.clone());
+                c.v_worker.push(step.worker.clone());
                 c.v_next.push(i(*next_action));
                 c.v_delivery.push(delivery_id.clone());
-                c.v_steps.push(json_text(steps));
+                c.v_steps.push(text(&json_text(steps)));
                 c.v_at.push(step.at);
                 c.v_lease.push(step.lease_until);
             }
-            NextState::Finished { status, not_run } => {
+            NextState::Finished { status, .. } => {
                 c.f_run.push(step.run_id.clone());
+                c.f_worker.push(step.worker.clone());
                 c.f_status.push((*status).to_owned());
                 c.f_at.push(step.at);
-                for (n, id) in not_run {
-                    c.action(&step.run_id, i(*n), id.clone(), "not_run", 0);
-                }
             }
         }
     }
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    let mut moved = std::collections::HashSet::new();
+    if !c.t_run.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE runs SET attempt = u.attempt, due_at = u.due, first_attempt_at = u.first,
+                                 claimed_by = NULL, claimed_until = NULL
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[])
+                      AS u(id, worker, attempt, due, first)
+                 WHERE runs.id = u.id AND runs.claimed_by = u.worker AND runs.status = 'pending'
+                 RETURNING runs.id",
+            )
+            .await?;
+        for r in tx
+            .query(
+                &stmt,
+                &[&c.t_run, &c.t_worker, &c.t_attempt, &c.t_due, &c.t_first],
+            )
+            .await?
+        {
+            moved.insert(r.get::<_, String>(0));
+        }
+    }
+    if !c.v_run.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE runs SET next_action = u.next, attempt = 1, delivery_id = u.delivery, first_attempt_at = NULL,
+                                 steps = u.steps, due_at = u.at, claimed_until = u.lease
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[])
+                      AS u(id, worker, next, delivery, steps, at, lease)
+                 WHERE runs.id = u.id AND runs.claimed_by = u.worker AND runs.status = 'pending'
+                 RETURNING runs.id",
+            )
+            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &c.v_run,
+            &c.v_worker,
+            &c.v_next,
+            &c.v_delivery,
+            &c.v_steps,
+            &c.v_at,
+            &c.v_lease,
+        ];
+        for r in tx.query(&stmt, &params).await? {
+            moved.insert(r.get::<_, String>(0));
+        }
+    }
+    if !c.f_run.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE runs SET status = u.status, finished_at = u.at, due_at = NULL, claimed_by = NULL,
+                                 claimed_until = NULL, steps = '{}'
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS u(id, worker, status, at)
+                 WHERE runs.id = u.id AND runs.claimed_by = u.worker AND runs.status = 'pending'
+                 RETURNING runs.id",
+            )
+            .await?;
+        for r in tx
+            .query(&stmt, &[&c.f_run, &c.f_worker, &c.f_status, &c.f_at])
+            .await?
+        {
+            moved.insert(r.get::<_, String>(0));
+        }
+    }
+    // Attempts and action results only for runs this worker still owned.
+    for step in steps.iter().filter(|s| moved.contains(&s.run_id)) {
+        let idx = i(step.action);
+        if let Some(a) = &step.attempt {
+            c.a_run.push(step.run_id.clone());
+            c.a_idx.push(idx);
+            c.a_attempt.push(i64::from(a.attempt));
+            c.a_record.push(text(&json_text(a)));
+        }
+        if let Some(r) = &step.report {
+            let n = c.action(
+                &step.run_id,
+                idx,
+                opt_text(r.id.as_ref()),
+                r.status.as_str(),
+                i64::from(r.attempts),
+            );
+            c.r_http[n] = r.http_status.map(i32::from);
+            c.r_error[n] = opt_text(r.error.as_ref());
+            c.r_message[n] = opt_text(r.message.as_ref());
+        }
+        if let NextState::Finished { not_run, .. } = &step.next {
+            for (n, id) in not_run {
+                c.action(&step.run_id, i(*n), id.clone(), "not_run", 0);
+            }
+        }
+    }
     if !c.a_run.is_empty() {
         let stmt = tx
             .prepare_cached(
@@ -496,54 +595,8 @@ async fn record_batch(pool: &Pool, steps: &[&StepRecord]) -> Result {
         )
         .await?;
     }
-    if !c.t_run.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE runs SET attempt = u.attempt, due_at = u.due, first_attempt_at = u.first,
-                                 claimed_by = NULL, claimed_until = NULL
-                 FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS u(id, attempt, due, first)
-                 WHERE runs.id = u.id",
-            )
-            .await?;
-        tx.execute(&stmt, &[&c.t_run, &c.t_attempt, &c.t_due, &c.t_first])
-            .await?;
-    }
-    if !c.v_run.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE runs SET next_action = u.next, attempt = 1, delivery_id = u.delivery, first_attempt_at = NULL,
-                                 steps = u.steps, due_at = u.at, claimed_until = u.lease
-                 FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[])
-                      AS u(id, next, delivery, steps, at, lease)
-                 WHERE runs.id = u.id",
-            )
-            .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &c.v_run,
-                &c.v_next,
-                &c.v_delivery,
-                &c.v_steps,
-                &c.v_at,
-                &c.v_lease,
-            ],
-        )
-        .await?;
-    }
-    if !c.f_run.is_empty() {
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE runs SET status = u.status, finished_at = u.at, due_at = NULL, claimed_by = NULL,
-                                 claimed_until = NULL, steps = '{}'
-                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, status, at)
-                 WHERE runs.id = u.id",
-            )
-            .await?;
-        tx.execute(&stmt, &[&c.f_run, &c.f_status, &c.f_at]).await?;
-    }
     tx.commit().await?;
-    Ok(())
+    Ok(moved)
 }
 
 /// Turns "new work committed" into NOTIFYs, at most one per 2 ms: a NOTIFY takes a
@@ -867,6 +920,10 @@ impl Store for PgStore {
             &[&before],
         )
         .await?;
+        // An ingest inserting a run for a version must not race its deletion: this lock
+        // conflicts with ingest's INSERT, so the DELETE below sees every committed run.
+        tx.batch_execute("LOCK TABLE workflow_versions IN SHARE ROW EXCLUSIVE MODE")
+            .await?;
         tx.execute(
             "DELETE FROM workflow_versions v WHERE NOT EXISTS (SELECT 1 FROM runs WHERE runs.version_hash = v.hash)",
             &[],

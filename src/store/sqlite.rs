@@ -441,6 +441,49 @@ fn claim(
 
 fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
     let idx = i64::try_from(step.action).unwrap_or(i64::MAX);
+    // Fenced: only the worker that holds the claim moves the run on. A worker whose
+    // lease ended and was taken over gets LostClaim, and the savepoint undoes it all.
+    let moved = match &step.next {
+        NextState::Retry {
+            attempt,
+            due_at,
+            first_attempt_at,
+        } => tx
+            .prepare_cached(
+                "UPDATE runs SET attempt = ?2, due_at = ?3, first_attempt_at = ?4, claimed_by = NULL, claimed_until = NULL
+                 WHERE id = ?1 AND claimed_by = ?5 AND status = 'pending'",
+            )?
+            .execute(params![step.run_id, attempt, due_at, first_attempt_at, step.worker])?,
+        NextState::Advance {
+            next_action,
+            delivery_id,
+            steps,
+        } => tx
+            .prepare_cached(
+                "UPDATE runs SET next_action = ?2, attempt = 1, delivery_id = ?3, first_attempt_at = NULL,
+                                 steps = ?4, due_at = ?5, claimed_until = ?6
+                 WHERE id = ?1 AND claimed_by = ?7 AND status = 'pending'",
+            )?
+            .execute(params![
+                step.run_id,
+                i64::try_from(*next_action).unwrap_or(i64::MAX),
+                delivery_id,
+                json_text(steps),
+                step.at,
+                step.lease_until,
+                step.worker
+            ])?,
+        NextState::Finished { status, .. } => tx
+            .prepare_cached(
+                "UPDATE runs SET status = ?2, finished_at = ?3, due_at = NULL, claimed_by = NULL, claimed_until = NULL,
+                                 steps = '{}'
+                 WHERE id = ?1 AND claimed_by = ?4 AND status = 'pending'",
+            )?
+            .execute(params![step.run_id, status, step.at, step.worker])?,
+    };
+    if moved == 0 {
+        return Err(Error::LostClaim);
+    }
     if let Some(a) = &step.attempt {
         tx.prepare_cached("INSERT OR REPLACE INTO attempts (run_id, idx, attempt, record) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![step.run_id, idx, a.attempt, json_text(a)])?;
@@ -452,50 +495,12 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
         )?
         .execute(params![step.run_id, idx, r.id, r.status.as_str(), r.attempts, r.http_status, r.error, r.message])?;
     }
-    match &step.next {
-        NextState::Retry {
-            attempt,
-            due_at,
-            first_attempt_at,
-        } => {
+    if let NextState::Finished { not_run, .. } = &step.next {
+        for (i, id) in not_run {
             tx.prepare_cached(
-                "UPDATE runs SET attempt = ?2, due_at = ?3, first_attempt_at = ?4, claimed_by = NULL, claimed_until = NULL
-                 WHERE id = ?1",
+                "INSERT OR REPLACE INTO actions (run_id, idx, action_id, status, attempts) VALUES (?1, ?2, ?3, 'not_run', 0)",
             )?
-            .execute(params![step.run_id, attempt, due_at, first_attempt_at])?;
-        }
-        NextState::Advance {
-            next_action,
-            delivery_id,
-            steps,
-        } => {
-            tx.prepare_cached(
-                "UPDATE runs SET next_action = ?2, attempt = 1, delivery_id = ?3, first_attempt_at = NULL,
-                                 steps = ?4, due_at = ?5, claimed_until = ?6
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                step.run_id,
-                i64::try_from(*next_action).unwrap_or(i64::MAX),
-                delivery_id,
-                json_text(steps),
-                step.at,
-                step.lease_until
-            ])?;
-        }
-        NextState::Finished { status, not_run } => {
-            tx.prepare_cached(
-                "UPDATE runs SET status = ?2, finished_at = ?3, due_at = NULL, claimed_by = NULL, claimed_until = NULL,
-                                 steps = '{}'
-                 WHERE id = ?1",
-            )?
-            .execute(params![step.run_id, status, step.at])?;
-            for (i, id) in not_run {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO actions (run_id, idx, action_id, status, attempts) VALUES (?1, ?2, ?3, 'not_run', 0)",
-                )?
-                .execute(params![step.run_id, i64::try_from(*i).unwrap_or(i64::MAX), id])?;
-            }
+            .execute(params![step.run_id, i64::try_from(*i).unwrap_or(i64::MAX), id])?;
         }
     }
     Ok(())

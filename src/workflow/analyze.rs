@@ -114,6 +114,14 @@ pub fn check(file: &str, source: &str, doc: &Document, wf: &Workflow) -> Vec<Dia
             &pointer,
             format!("`payload_schema` is not a valid JSON Schema: {e}"),
         );
+    } else if let Some(schema) = &wf.trigger.payload_schema
+        && let Err(e) = jsonschema::draft202012::new(schema)
+    {
+        // Valid against the metaschema but unusable (a bad `pattern`, a `$ref` to nothing):
+        // serve would refuse every event.
+        let inner = e.instance_path().as_str();
+        let pointer = format!("/trigger/payload_schema{inner}");
+        c.at_value(&pointer, format!("`payload_schema` cannot be used: {e}"));
     }
 
     if let Some(verify) = &wf.trigger.verify {
