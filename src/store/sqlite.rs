@@ -327,7 +327,7 @@ fn apply_one(tx: &Transaction<'_>, op: Op) -> Reply {
             savepoint(tx, |tx| {
                 let n = tx
                     .prepare_cached(
-                        "UPDATE runs SET claimed_until = ?3 WHERE id = ?1 AND claimed_by = ?2 AND status = 'pending'",
+                        "UPDATE runs SET claimed_until = ?3 WHERE id = ?1 AND claimed_by = ?2",
                     )?
                     .execute(params![run, worker, until])?;
                 Ok(n == 1)
@@ -443,6 +443,8 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
     let idx = i64::try_from(step.action).unwrap_or(i64::MAX);
     // Fenced: only the worker that holds the claim moves the run on. A worker whose
     // lease ended and was taken over gets LostClaim, and the savepoint undoes it all.
+    // (Only pending runs have a claimant. No `status = 'pending'` here: it would let
+    // SQLite pick the partial due-time index and scan every pending run.)
     let moved = match &step.next {
         NextState::Retry {
             attempt,
@@ -451,7 +453,7 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
         } => tx
             .prepare_cached(
                 "UPDATE runs SET attempt = ?2, due_at = ?3, first_attempt_at = ?4, claimed_by = NULL, claimed_until = NULL
-                 WHERE id = ?1 AND claimed_by = ?5 AND status = 'pending'",
+                 WHERE id = ?1 AND claimed_by = ?5",
             )?
             .execute(params![step.run_id, attempt, due_at, first_attempt_at, step.worker])?,
         NextState::Advance {
@@ -462,7 +464,7 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
             .prepare_cached(
                 "UPDATE runs SET next_action = ?2, attempt = 1, delivery_id = ?3, first_attempt_at = NULL,
                                  steps = ?4, due_at = ?5, claimed_until = ?6
-                 WHERE id = ?1 AND claimed_by = ?7 AND status = 'pending'",
+                 WHERE id = ?1 AND claimed_by = ?7",
             )?
             .execute(params![
                 step.run_id,
@@ -477,7 +479,7 @@ fn record(tx: &Transaction<'_>, step: &StepRecord) -> Result {
             .prepare_cached(
                 "UPDATE runs SET status = ?2, finished_at = ?3, due_at = NULL, claimed_by = NULL, claimed_until = NULL,
                                  steps = '{}'
-                 WHERE id = ?1 AND claimed_by = ?4 AND status = 'pending'",
+                 WHERE id = ?1 AND claimed_by = ?4",
             )?
             .execute(params![step.run_id, status, step.at, step.worker])?,
     };
