@@ -149,6 +149,9 @@ pub enum RunsCommand {
         /// Database URL.
         #[arg(long, default_value = DEFAULT_DB, env = "FLOWRUN_DB", hide_env_values = true)]
         db: String,
+        /// The secrets file `serve` uses, so its values are redacted here too.
+        #[arg(long)]
+        secrets_file: Option<PathBuf>,
     },
 }
 
@@ -576,10 +579,18 @@ async fn runs_in<S: crate::store::Store>(store: &S, command: RunsCommand) -> u8 
                 Err(e) => usage(e),
             }
         }
-        RunsCommand::Show { id, .. } => match store.get_run(&id).await {
+        RunsCommand::Show {
+            id, secrets_file, ..
+        } => match store.get_run(&id).await {
             Ok(Some(run)) => {
+                let mut secrets = Secrets::from_env();
+                if let Some(file) = &secrets_file
+                    && let Err(e) = secrets.merge_file(file)
+                {
+                    return usage(e);
+                }
                 let value = serde_json::to_value(&run).unwrap_or_default();
-                let value = Secrets::from_env().redactor().redact_json(&value);
+                let value = secrets.redactor().redact_json(&value);
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&value).unwrap_or_default()
