@@ -178,6 +178,15 @@ async fn p3(url: &str, instances: usize, total: usize, concurrency: usize) {
         stop.cancel();
         handle.await.expect("stop");
     }
+    drop(stores);
+    // Leave nothing behind in the database.
+    let base = url.split('?').next().unwrap_or(&url).to_owned();
+    if let Ok((client, conn)) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await;
+    }
 }
 
 fn client() -> reqwest::Client {

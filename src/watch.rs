@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Change, Registry};
+use crate::secrets::Secrets;
 
 /// Quiet time that ends a burst of file events.
 pub const QUIET: Duration = Duration::from_millis(40);
@@ -36,8 +37,14 @@ fn relevant(event: &notify::Event) -> bool {
     })
 }
 
-/// Reloads `dir` into `registry`, logging what changed; returns whether it loaded.
-pub fn reload(dir: &Path, registry: &watch::Sender<Arc<Registry>>, metrics: &Metrics) -> bool {
+/// Reloads `dir` into `registry`, logging what changed (and, for new versions, any
+/// secret they read that is not set); returns whether it loaded.
+pub fn reload(
+    dir: &Path,
+    registry: &watch::Sender<Arc<Registry>>,
+    metrics: &Metrics,
+    secrets: &Secrets,
+) -> bool {
     let prev = registry.borrow().clone();
     let started = Instant::now();
     match Registry::reload(&prev, dir) {
@@ -47,6 +54,19 @@ pub fn reload(dir: &Path, registry: &watch::Sender<Arc<Registry>>, metrics: &Met
             }
             for c in &changes {
                 tracing::info!("{c}");
+                let name = match c {
+                    Change::Added { name, .. } | Change::Changed { name, .. } => name,
+                    Change::Removed { .. } | Change::KeptLastGood { .. } => continue,
+                };
+                if let Some(e) = next
+                    .entries
+                    .iter()
+                    .find(|e| &e.loaded.workflow.name == name)
+                    && let Err(err) =
+                        secrets.select(&crate::secrets::referenced(&e.loaded.workflow))
+                {
+                    tracing::warn!(workflow = %name, "{err}; its runs (or, for `verify`, its events) will fail");
+                }
             }
             metrics.reloaded(next.errors.len(), next.entries.len());
             tracing::debug!(
@@ -105,6 +125,7 @@ impl Watch {
         mut self,
         registry: watch::Sender<Arc<Registry>>,
         metrics: Arc<Metrics>,
+        secrets: Secrets,
         shutdown: CancellationToken,
     ) {
         let mut hup = hangup();
@@ -113,7 +134,7 @@ impl Watch {
                 () = shutdown.cancelled() => return,
                 () = hup.recv() => {
                     tracing::info!("SIGHUP: full reload");
-                    reload(&self.dir, &registry, &metrics);
+                    reload(&self.dir, &registry, &metrics, &secrets);
                     continue;
                 }
                 got = self.rx.recv() => if got.is_none() { return },
@@ -127,7 +148,7 @@ impl Watch {
                     got = self.rx.recv() => if got.is_none() { break },
                 }
             }
-            reload(&self.dir, &registry, &metrics);
+            reload(&self.dir, &registry, &metrics, &secrets);
         }
     }
 }

@@ -1221,10 +1221,10 @@ async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
         );
         return;
     };
+    let schema = format!("t_{}", flowrun::engine::new_id().replace('-', ""));
     let db = format!(
-        "{base}{}schema=t_{}",
-        if base.contains('?') { '&' } else { '?' },
-        flowrun::engine::new_id().replace('-', "")
+        "{base}{}schema={schema}",
+        if base.contains('?') { '&' } else { '?' }
     );
     // Each delivery takes 200 ms: 64 workers deliver ~320/s, slower than events arrive,
     // so hundreds are still queued or in flight at the kill.
@@ -1297,6 +1297,14 @@ async fn two_instances_on_postgres_share_the_work_and_survive_a_kill_9() {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), total, "{out}");
     b.kill9();
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop the test schema");
 }
 
 #[tokio::test]

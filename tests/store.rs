@@ -340,6 +340,21 @@ async fn postgres(test: &str) -> Option<(String, PgStore)> {
     ))
 }
 
+/// Drops the schema a passing test used (a failing one leaves it for inspection).
+async fn drop_schema(url: &str) {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let Some(schema) = query.split('&').find_map(|kv| kv.strip_prefix("schema=")) else {
+        return;
+    };
+    if let Ok((client, conn)) = tokio_postgres::connect(base, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .expect("drop the test schema");
+    }
+}
+
 fn uuid_simple() -> String {
     flowrun::engine::new_id().replace('-', "")
 }
@@ -354,8 +369,9 @@ macro_rules! both {
             }
             #[tokio::test]
             async fn postgres() {
-                if let Some((_, s)) = super::postgres(stringify!($name)).await {
+                if let Some((url, s)) = super::postgres(stringify!($name)).await {
                     super::$body(&s).await;
+                    super::drop_schema(&url).await;
                 }
             }
         }
@@ -381,5 +397,6 @@ async fn ticks_postgres_two_instances() {
     if let Some((url, a)) = postgres("ticks_postgres_two_instances").await {
         let b = PgStore::connect(&url, 4).await.expect("second instance");
         a_tick_is_stored_once(&a, &b).await;
+        drop_schema(&url).await;
     }
 }

@@ -115,7 +115,7 @@ pub async fn serve<S: Store>(
         tracing::warn!("cannot LISTEN for new work ({e}); polling instead");
     }
     let (registry_tx, _) = watch::channel(Arc::new(registry));
-    crate::watch::reload(&config.dir, &registry_tx, &metrics);
+    crate::watch::reload(&config.dir, &registry_tx, &metrics, &secrets);
     let state = Arc::new(AppState {
         store: Arc::clone(&store),
         registry: registry_tx,
@@ -146,6 +146,7 @@ pub async fn serve<S: Store>(
     tasks.spawn(watcher.run(
         state.registry.clone(),
         Arc::clone(&metrics),
+        state.secrets.clone(),
         background.clone(),
     ));
 
