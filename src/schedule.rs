@@ -11,12 +11,18 @@ pub fn parse(expr: &str) -> Result<Cron, String> {
             "`{expr}` has {fields} fields; a schedule has 5 (minute hour day-of-month month day-of-week), in UTC"
         ));
     }
-    CronParser::builder()
+    let cron = CronParser::builder()
         .seconds(Seconds::Disallowed)
         .year(Year::Disallowed)
         .build()
         .parse(expr)
-        .map_err(|e| format!("`{expr}` is not a valid cron schedule: {e}"))
+        .map_err(|e| format!("`{expr}` is not a valid cron schedule: {e}"))?;
+    // A date that never exists (`0 0 30 2 *`) parses but would never fire.
+    const Y2000: i64 = 946_684_800_000;
+    if next_tick(&cron, Y2000).is_none() {
+        return Err(format!("`{expr}` never fires (no such date)"));
+    }
+    Ok(cron)
 }
 
 #[cfg(test)]
@@ -37,6 +43,12 @@ mod tests {
                 .expect_err("six fields")
                 .contains("has 6 fields")
         );
+        assert!(
+            parse("0 0 30 2 *")
+                .expect_err("30 February")
+                .contains("never fires")
+        );
+        assert!(parse("0 0 29 2 *").is_ok(), "leap days exist");
     }
 }
 
