@@ -62,11 +62,8 @@ async fn start(
     (addr, store, stop, handle)
 }
 
-async fn start_on<S: flowrun::store::Store>(
-    dir: &Path,
-    sink: SocketAddr,
-    store: Arc<S>,
-) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+/// Writes the one-action bench workflow under `dir/workflows` and loads it.
+fn workflows(dir: &Path, sink: SocketAddr) -> (std::path::PathBuf, Registry) {
     let wf_dir = dir.join("workflows");
     std::fs::create_dir_all(&wf_dir).expect("mkdir");
     std::fs::write(
@@ -75,6 +72,15 @@ async fn start_on<S: flowrun::store::Store>(
     )
     .expect("write");
     let registry = Registry::load(&wf_dir).expect("load");
+    (wf_dir, registry)
+}
+
+async fn start_on<S: flowrun::store::Store>(
+    dir: &Path,
+    sink: SocketAddr,
+    store: Arc<S>,
+) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    let (wf_dir, registry) = workflows(dir, sink);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -271,14 +277,7 @@ async fn p5(pending: usize) {
     let (sink_addr, _hits) = sink().await;
     // Fill the store with runs whose retry is due tomorrow, through the real ingest path.
     {
-        let wf_dir = dir.path().join("workflows");
-        std::fs::create_dir_all(&wf_dir).expect("mkdir");
-        std::fs::write(
-            wf_dir.join("bench.yaml"),
-            WORKFLOW.replace("SINK", &sink_addr.to_string()),
-        )
-        .expect("write");
-        let registry = Registry::load(&wf_dir).expect("load");
+        let (_, registry) = workflows(dir.path(), sink_addr);
         let loaded = Arc::clone(&registry.entries[0].loaded);
         let store = SqliteStore::open(&dir.path().join("bench.db")).expect("store");
         let tomorrow = flowrun::store::now_millis() + 86_400_000;
@@ -287,17 +286,7 @@ async fn p5(pending: usize) {
         for n in 0..pending {
             let (store, loaded) = (Arc::clone(&store), Arc::clone(&loaded));
             batch.spawn(async move {
-                let run = flowrun::store::NewRun {
-                    id: flowrun::engine::new_id(),
-                    version: flowrun::store::Version {
-                        hash: loaded.hash.clone(),
-                        name: loaded.workflow.name.clone(),
-                        file: loaded.file.clone(),
-                        source: loaded.source.clone(),
-                    },
-                    trigger: serde_json::json!({"event": "bench.event"}),
-                    delivery_id: flowrun::engine::new_id(),
-                };
+                let run = server::new_run(&loaded, flowrun::store::from_millis(tomorrow));
                 store
                     .ingest(flowrun::store::NewEvent {
                         id: flowrun::engine::new_id(),

@@ -201,19 +201,9 @@ impl Registry {
             let c = &candidates[i];
             let name = &c.loaded.workflow.name;
             if let Some(owner) = taken.get(name) {
-                let doc = workflow::parse::parse(&c.loaded.file, &c.loaded.source).ok();
-                let pos = doc.map_or(workflow::Pos::START, |d| d.value_pos("/name"));
-                let message = format!(
-                    "workflow name `{name}` is already used by `{owner}`; names must be unique in a directory"
-                );
-                errors.push(Diagnostic::new(
-                    &c.loaded.file,
-                    Some(&c.loaded.source),
-                    pos,
-                    "/name",
-                    message.clone(),
-                ));
-                failed_files.push((c.loaded.file.clone(), message));
+                let d = workflow::duplicate_name(&c.loaded, owner);
+                failed_files.push((c.loaded.file.clone(), d.message.clone()));
+                errors.push(d);
             } else {
                 taken.insert(name.clone(), c.loaded.file.clone());
                 accepted[i] = true;

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use crate::engine::{self, ActionAt, ActionReport, ActionStatus, Engine, RunInput, Step};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
-use crate::store::{Claimed, NextState, StepRecord, Store, from_millis, now_millis, to_millis};
+use crate::store::{Claimed, NextState, StepRecord, Store, from_millis, now_millis};
 use crate::workflow::{self, Workflow};
 
 /// How workers behave.
@@ -433,7 +433,7 @@ impl<S: Store> Workers<S> {
                 status: "failed",
                 not_run: wf.map(|w| rest(w, index)).unwrap_or_default(),
             },
-            at: to_millis(std::time::SystemTime::now()),
+            at: now_millis(),
             lease_until: 0,
             worker: self.id.clone(),
         };

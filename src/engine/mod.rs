@@ -272,11 +272,6 @@ impl Engine {
         Ok(Engine { client, clock })
     }
 
-    /// The engine's clock.
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
-    }
-
     /// Runs every action of `wf` in order, in the foreground, sleeping between retries.
     pub async fn run(
         &self,

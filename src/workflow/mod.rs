@@ -223,6 +223,22 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The error for a workflow whose `name` the file `owner` already has, located at `/name`.
+pub fn duplicate_name(loaded: &Loaded, owner: &str) -> Diagnostic {
+    let pos =
+        parse::parse(&loaded.file, &loaded.source).map_or(Pos::START, |d| d.value_pos("/name"));
+    let name = &loaded.workflow.name;
+    Diagnostic::new(
+        &loaded.file,
+        Some(&loaded.source),
+        pos,
+        "/name",
+        format!(
+            "workflow name `{name}` is already used by `{owner}`; names must be unique in a directory"
+        ),
+    )
+}
+
 /// The outcome of loading a set of files.
 #[derive(Debug, Default)]
 pub struct Set {
@@ -249,15 +265,7 @@ pub fn load_set(files: &[PathBuf]) -> Result<Set> {
     for loaded in std::mem::take(&mut set.loaded) {
         let name = loaded.workflow.name.clone();
         if let Some(other) = first.get(&name) {
-            let doc = parse::parse(&loaded.file, &loaded.source)
-                .unwrap_or_else(|_| panic!("BUG: a loaded file parses"));
-            set.diagnostics.push(Diagnostic::new(
-                &loaded.file,
-                Some(&loaded.source),
-                doc.value_pos("/name"),
-                "/name",
-                format!("workflow name `{name}` is already used by `{other}`; names must be unique in a directory"),
-            ));
+            set.diagnostics.push(duplicate_name(&loaded, other));
         } else {
             first.insert(name, loaded.file.clone());
             unique.push(loaded);
